@@ -1,0 +1,328 @@
+"""The SliCK method as pure functions: prompts, matching, categories, adaptive sampling, relabels.
+
+Everything here works on plain data, so a finished audit can be re-scored (another matcher,
+other thresholds) from its stored generations without a model.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from app.audit.schemas import Audit, AuditConfig, Category, Matcher, SuggestedAction
+from app.datasets.domain import Example, with_answer
+
+# --- matching ---------------------------------------------------------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize(text: str) -> str:
+    """Lowercase, punctuation to spaces, drop a/an/the, collapse whitespace."""
+    text = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text.lower())
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def _contains(haystack: list[str], needle: list[str]) -> bool:
+    n = len(needle)
+    return n > 0 and any(haystack[i : i + n] == needle for i in range(len(haystack) - n + 1))
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    pred, ref = normalize(prediction).split(), normalize(gold).split()
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def is_correct(
+    prediction: str, golds: Iterable[str], matcher: Matcher, f1_threshold: float = 0.5
+) -> bool:
+    """Whether the prediction matches any gold answer under the matcher."""
+    pred = normalize(prediction)
+    if not pred:
+        return False
+    for gold in golds:
+        ref = normalize(gold)
+        if matcher == "normalized_exact":
+            if pred == ref:
+                return True
+        elif matcher == "contains":
+            p, r = pred.split(), ref.split()
+            if _contains(p, r) or _contains(r, p):
+                return True
+        elif token_f1(pred, ref) >= f1_threshold:
+            return True
+    return False
+
+
+# --- prompts ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Exemplar:
+    question: str
+    answer: str
+
+
+ExemplarSets = dict[str, list[list[Exemplar]]]
+"""Per group: `n_exemplar_sets` candidate lists of `shots + 1` exemplars each."""
+
+
+def group_key(example: Example) -> str:
+    return example.group or ""
+
+
+def draw_exemplar_sets(examples: Sequence[Example], config: AuditConfig) -> ExemplarSets:
+    """Draw each group's exemplar sets once, from the seed.
+
+    A set holds one candidate more than `shots`, so the question itself can be left out of its
+    own prompt while every other question of the group shares the same prefixes. A group too small
+    to fill a set draws from the whole dataset.
+    """
+    by_group: dict[str, list[Exemplar]] = {}
+    for ex in examples:
+        by_group.setdefault(group_key(ex), []).append(Exemplar(ex.question, ex.answer))
+    everyone = [Exemplar(ex.question, ex.answer) for ex in examples]
+    size = config.shots + 1
+    sets: ExemplarSets = {}
+    for key in sorted(by_group):
+        pool = by_group[key] if len(by_group[key]) >= size else everyone
+        rng = random.Random(f"{config.seed}:{key}")
+        sets[key] = [rng.sample(pool, min(size, len(pool))) for _ in range(config.n_exemplar_sets)]
+    return sets
+
+
+def build_prompts(example: Example, sets: ExemplarSets, config: AuditConfig) -> list[str]:
+    """The example's few-shot prompts, one per exemplar set, never showing its own question."""
+    template = config.prompt
+    query = template.query.format(question=example.question)
+    prompts = []
+    for candidates in sets[group_key(example)]:
+        shots = [c for c in candidates if c.question != example.question][: config.shots]
+        prefix = "".join(
+            template.exemplar.format(question=c.question, answer=c.answer) for c in shots
+        )
+        prompts.append(prefix + query)
+    return prompts
+
+
+def clean_answer(text: str) -> str:
+    """The answer in a completion: its first line, stripped."""
+    return text.split("\n", 1)[0].strip()
+
+
+# --- categories and adaptive sampling ---------------------------------------------------------
+
+
+def categorize(p_greedy: float, p_sample: float | None) -> Category:
+    if p_greedy == 1.0:
+        return Category.HIGHLY_KNOWN
+    if p_greedy > 0.0:
+        return Category.MAYBE_KNOWN
+    if p_sample:
+        return Category.WEAKLY_KNOWN
+    return Category.UNKNOWN
+
+
+@dataclass
+class Tally:
+    """What the student answered to one example: per prompt, its greedy and sampled answers."""
+
+    greedy: list[str]
+    samples: list[list[str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.samples:
+            self.samples = [[] for _ in self.greedy]
+
+    @property
+    def drawn(self) -> int:
+        """Samples drawn per prompt so far."""
+        return len(self.samples[0]) if self.samples else 0
+
+    @property
+    def generations(self) -> int:
+        return len(self.greedy) + sum(len(s) for s in self.samples)
+
+    def outputs(self) -> list[str]:
+        return self.greedy + [text for per_prompt in self.samples for text in per_prompt]
+
+
+def sampling_rounds(samples: int) -> list[int]:
+    """Cumulative samples per prompt after each adaptive round: 1, 4, 16, 64, ... up to `samples`.
+
+    Few rounds keep the engine calls per step constant; growing rounds stop most questions
+    the student weakly knows after one cheap round.
+    """
+    rounds, drawn = [], 1
+    while drawn < samples:
+        rounds.append(drawn)
+        drawn *= 4
+    if samples:
+        rounds.append(samples)
+    return rounds
+
+
+def samples_to_draw(
+    greedy_ok: Sequence[bool], sample_ok: Sequence[Sequence[bool]], drawn: int, config: AuditConfig
+) -> int:
+    """How many more samples per prompt this example needs now; 0 once its category is settled.
+
+    Full mode draws every sample at once. Adaptive mode draws none when a greedy answer is
+    correct (P0 > 0 settles the category), stops at the first correct sample (WeaklyKnown), and
+    otherwise goes on round by round: only all-wrong questions are sampled to the end (Unknown).
+    """
+    if config.mode == "full":
+        return config.samples - drawn
+    if any(greedy_ok) or any(any(row) for row in sample_ok):
+        return 0
+    for target in sampling_rounds(config.samples):
+        if target > drawn:
+            return target - drawn
+    return 0
+
+
+@dataclass(frozen=True)
+class Scored:
+    greedy_ok: list[bool]
+    sample_ok: list[list[bool]]
+
+
+def score(tally: Tally, golds: Sequence[str], config: AuditConfig) -> Scored:
+    def ok(text: str) -> bool:
+        return is_correct(text, golds, config.matcher, config.f1_threshold)
+
+    return Scored([ok(t) for t in tally.greedy], [[ok(t) for t in row] for row in tally.samples])
+
+
+def student_answer(outputs: Sequence[str]) -> tuple[str, float]:
+    """The student's most frequent answer (by normalized form) and the share of outputs that agree.
+
+    Ties go to the answer seen first (greedy answers come first); the surface form returned is the
+    most common spelling of the winning normalized answer.
+    """
+    if not outputs:
+        return "", 0.0
+    counts = Counter(normalize(o) for o in outputs)
+    best = max(counts, key=lambda k: (counts[k], -_first_index(outputs, k)))
+    spellings = Counter(o for o in outputs if normalize(o) == best)
+    return spellings.most_common(1)[0][0], counts[best] / len(outputs)
+
+
+def _first_index(outputs: Sequence[str], norm: str) -> int:
+    return next(i for i, o in enumerate(outputs) if normalize(o) == norm)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    audit: Audit
+    conflict: bool
+    """The student consistently gives another answer than the teacher: the teacher may be wrong."""
+
+
+def judge(example: Example, tally: Tally, config: AuditConfig) -> Verdict:
+    """The example's category, the student's answer and the suggested action."""
+    scored = score(tally, example.golds, config)
+    p_greedy = sum(scored.greedy_ok) / len(scored.greedy_ok)
+    sample_flat = [ok for row in scored.sample_ok for ok in row]
+    p_sample = sum(sample_flat) / len(sample_flat) if sample_flat else None
+    category = categorize(p_greedy, p_sample)
+    flagged = category in config.flag_categories
+    answer, agreement = student_answer(tally.outputs())
+    consistent = bool(normalize(answer)) and agreement >= config.student_answer_min_agreement
+    conflict = consistent and not is_correct(
+        answer, example.golds, config.matcher, config.f1_threshold
+    )
+    if not flagged:
+        action, suggested = SuggestedAction.KEEP, None
+    elif consistent:
+        action, suggested = SuggestedAction.RELABEL_STUDENT, answer
+    else:
+        action, suggested = SuggestedAction.RELABEL_IDK, config.idk_text
+    audit = Audit(
+        category=category,
+        flagged=flagged,
+        p_greedy=p_greedy,
+        p_sample=p_sample,
+        student_answer=answer,
+        agreement=agreement,
+        suggested_action=action,
+        suggested_answer=suggested,
+        generations=tally.generations,
+    )
+    return Verdict(audit, conflict)
+
+
+def replay(example: Example, table: Tally, config: AuditConfig) -> Verdict:
+    """Run the sampling schedule against answers already generated, and judge what it read.
+
+    `table` holds every answer full mode would draw. This is how the schedule's promise is
+    checked: adaptive mode reaches the category full mode reaches, on the same answers.
+    """
+    seen = Tally(list(table.greedy))
+    while True:
+        scored = score(seen, example.golds, config)
+        more = samples_to_draw(scored.greedy_ok, scored.sample_ok, seen.drawn, config)
+        if more == 0:
+            return judge(example, seen, config)
+        upto = seen.drawn + more
+        seen.samples = [row[:upto] for row in table.samples]
+
+
+# --- export -----------------------------------------------------------------------------------
+
+ExportPolicy = Literal["suggested", "drop", "idk", "student", "annotate"]
+EXPORT_POLICIES: tuple[ExportPolicy, ...] = ("suggested", "drop", "idk", "student", "annotate")
+
+
+def export_record(
+    raw: dict[str, Any], audit: Audit, policy: ExportPolicy, idk_text: str
+) -> dict[str, Any] | None:
+    """The record as the policy writes it back; None when the policy drops it."""
+    if policy == "annotate":
+        return {**raw, "audit": audit.model_dump(mode="json")}
+    if not audit.flagged:
+        return raw
+    if policy == "drop":
+        return None
+    if policy == "idk":
+        return with_answer(raw, idk_text)
+    if policy == "student":
+        return with_answer(raw, audit.student_answer or idk_text)
+    assert audit.suggested_answer is not None
+    return with_answer(raw, audit.suggested_answer)
+
+
+def summarize(
+    examples: Sequence[Example], verdicts: Sequence[Verdict], config: AuditConfig
+) -> dict[str, Any]:
+    """The report's counts: per category, flagged, conflicts listed, generations used."""
+    categories: Mapping[str, int] = Counter(v.audit.category.value for v in verdicts)
+    return {
+        "num_examples": len(verdicts),
+        "categories": {c.value: categories.get(c.value, 0) for c in Category},
+        "flagged": sum(v.audit.flagged for v in verdicts),
+        "suggested_actions": dict(Counter(v.audit.suggested_action.value for v in verdicts)),
+        "conflicts": [
+            {
+                "id": ex.id,
+                "question": ex.question,
+                "teacher_answer": ex.answer,
+                "student_answer": v.audit.student_answer,
+                "agreement": v.audit.agreement,
+                "category": v.audit.category.value,
+            }
+            for ex, v in zip(examples, verdicts, strict=True)
+            if v.conflict
+        ],
+        "generations": sum(v.audit.generations for v in verdicts),
+        "mode": config.mode,
+    }

@@ -1,0 +1,67 @@
+"""The vLLM engine: `vllm.LLM` in this process, one batched call per step, prefix caching on.
+
+The only module that imports vllm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from workers.engines.base import GenerationRequest, GenerationResult
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class VLLMEngine:
+    def __init__(
+        self,
+        model: str,
+        *,
+        revision: str | None = None,
+        seed: int = 0,
+        **llm_options: Any,
+    ) -> None:
+        import torch
+        from vllm import LLM
+
+        on_gpu = torch.cuda.is_available()
+        options: dict[str, Any] = {
+            "dtype": "auto" if on_gpu else "float32",
+            # On CPU this share is taken from RAM for the KV cache.
+            "gpu_memory_utilization": 0.9 if on_gpu else 0.1,
+            "enable_prefix_caching": True,
+            # Ignore the model's generation_config.json: every sampling field comes from the job.
+            "generation_config": "vllm",
+        }
+        options.update(llm_options)
+        self.model_id = f"{model}@{revision}" if revision else model
+        # The seed is the engine's: a per-request seed breaks vLLM's CPU sampler.
+        self.llm = LLM(model=model, revision=revision, seed=seed, **options)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(
+                n=r.options.n,
+                temperature=r.options.temperature,
+                top_k=r.options.top_k,
+                top_p=r.options.top_p,
+                max_tokens=r.options.max_tokens,
+                stop=list(r.options.stop),
+                min_p=0.0,
+                repetition_penalty=1.0,
+                presence_penalty=0.0,
+                frequency_penalty=0.0,
+            )
+            for r in requests
+        ]
+        outputs = self.llm.generate([r.prompt for r in requests], params, use_tqdm=False)
+        return [GenerationResult([c.text for c in out.outputs]) for out in outputs]

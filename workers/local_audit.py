@@ -1,0 +1,84 @@
+"""`kma audit`: one dataset, audited in this process, written to a folder. No server needed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from app.audit.domain import draw_exemplar_sets, export_record, summarize
+from app.audit.schemas import AuditConfig
+from app.datasets.domain import Record, load_records
+from workers.engines.base import Engine
+from workers.runner import RunStats, audit_batch
+
+OUTPUT_FILES = ("annotated.jsonl", "filtered.jsonl", "report.json")
+
+
+def read_dataset(path: Path) -> list[Record]:
+    """Every record of the file; raises DatasetError naming each bad line."""
+    with path.open("rb") as f:
+        return load_records(iter(lambda: f.read(1 << 20), b""))
+
+
+def audit_file(
+    records: list[Record],
+    engine: Engine,
+    config: AuditConfig,
+    out_dir: Path,
+    *,
+    engine_name: str,
+    chunk_size: int = 512,
+    on_progress: Callable[[int], None] = lambda done: None,
+) -> dict[str, Any]:
+    """Audit every record and write the three output files; returns the report.
+
+    The files appear only once all of them are complete: they are written into a temporary
+    folder beside `out_dir` and moved in at the end.
+    """
+    started = time.monotonic()
+    examples = [r.example for r in records]
+    sets = draw_exemplar_sets(examples, config)
+    verdicts = []
+    stats = RunStats()
+    for start in range(0, len(examples), chunk_size):
+        batch = audit_batch(examples[start : start + chunk_size], sets, engine, config)
+        verdicts.extend(batch.verdicts)
+        stats.add(batch.stats)
+        on_progress(len(batch.verdicts))
+
+    report = {
+        **summarize(examples, verdicts, config),
+        "generations_detail": {
+            "greedy": stats.greedy_generations,
+            "sampled": stats.sampled_generations,
+        },
+        "engine_calls": stats.engine_calls,
+        "student": {"model": engine.model_id, "engine": engine_name},
+        "config": config.model_dump(mode="json"),
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".kma-", dir=out_dir))
+    try:
+        with (
+            (staging / "annotated.jsonl").open("w") as ann,
+            (staging / "filtered.jsonl").open("w") as filt,
+        ):
+            for record, verdict in zip(records, verdicts, strict=True):
+                annotated = export_record(record.raw, verdict.audit, "annotate", config.idk_text)
+                ann.write(json.dumps(annotated, ensure_ascii=False) + "\n")
+                kept = export_record(record.raw, verdict.audit, "suggested", config.idk_text)
+                if kept is not None:
+                    filt.write(json.dumps(kept, ensure_ascii=False) + "\n")
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        for name in OUTPUT_FILES:
+            os.replace(staging / name, out_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report

@@ -1,0 +1,105 @@
+"""Audits a batch of examples against an engine: greedy answers first, then sampling rounds.
+
+Each step is one engine call for the whole batch, so the calls per batch do not grow with its
+size. The rules (what to draw, how to judge) are the pure ones in `app.audit.domain`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from app.audit.domain import (
+    ExemplarSets,
+    Tally,
+    Verdict,
+    build_prompts,
+    clean_answer,
+    judge,
+    samples_to_draw,
+    score,
+)
+from app.audit.schemas import AuditConfig
+from app.datasets.domain import Example
+from workers.engines.base import Engine, GenerationRequest, SamplingOptions
+
+
+@dataclass
+class RunStats:
+    greedy_generations: int = 0
+    sampled_generations: int = 0
+    engine_calls: int = 0
+    steps: list[int] = field(default_factory=list)
+    """Requests sent at each step (greedy, then each sampling round)."""
+
+    def add(self, other: RunStats) -> None:
+        self.greedy_generations += other.greedy_generations
+        self.sampled_generations += other.sampled_generations
+        self.engine_calls += other.engine_calls
+        self.steps += other.steps
+
+
+@dataclass
+class BatchResult:
+    tallies: list[Tally]
+    verdicts: list[Verdict]
+    stats: RunStats
+
+
+def greedy_options(config: AuditConfig) -> SamplingOptions:
+    return SamplingOptions(
+        n=1, temperature=0.0, top_k=-1, top_p=1.0, max_tokens=config.max_new_tokens
+    )
+
+
+def sample_options(config: AuditConfig, n: int) -> SamplingOptions:
+    return SamplingOptions(
+        n=n,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        max_tokens=config.max_new_tokens,
+    )
+
+
+def audit_batch(
+    examples: Sequence[Example], sets: ExemplarSets, engine: Engine, config: AuditConfig
+) -> BatchResult:
+    """Generate what the schedule needs for these examples and judge each one."""
+    stats = RunStats()
+    prompts = [build_prompts(ex, sets, config) for ex in examples]
+    greedy = greedy_options(config)
+    requests = [GenerationRequest(p, greedy) for per_example in prompts for p in per_example]
+    results = iter(engine.generate(requests)) if requests else iter([])
+    stats.engine_calls += bool(requests)
+    stats.steps.append(len(requests))
+    stats.greedy_generations += len(requests)
+    tallies = [Tally([clean_answer(next(results).texts[0]) for _ in ps]) for ps in prompts]
+
+    while True:
+        wanted: list[tuple[int, int]] = []
+        for i, (example, tally) in enumerate(zip(examples, tallies, strict=True)):
+            scored = score(tally, example.golds, config)
+            more = samples_to_draw(scored.greedy_ok, scored.sample_ok, tally.drawn, config)
+            if more:
+                wanted.append((i, more))
+        if not wanted:
+            break
+        requests = [
+            GenerationRequest(p, sample_options(config, more))
+            for i, more in wanted
+            for p in prompts[i]
+        ]
+        results = iter(engine.generate(requests))
+        stats.engine_calls += 1
+        stats.steps.append(len(requests))
+        for i, more in wanted:
+            for row in tallies[i].samples:
+                texts = next(results).texts
+                if len(texts) != more:
+                    raise RuntimeError(f"engine returned {len(texts)} samples, asked for {more}")
+                row.extend(clean_answer(t) for t in texts)
+                stats.sampled_generations += more
+
+    verdicts = [judge(ex, t, config) for ex, t in zip(examples, tallies, strict=True)]
+    return BatchResult(tallies, verdicts, stats)
