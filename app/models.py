@@ -1,0 +1,152 @@
+"""The database tables."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    Uuid,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSONB, list[Any]: JSONB}
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class ChunkStatus(StrEnum):
+    PENDING = "pending"
+    DONE = "done"
+
+
+class Dataset(Base):
+    __tablename__ = "dataset"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(255))
+    format: Mapped[str] = mapped_column(String(32))
+    num_examples: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Example(Base):
+    """A record as uploaded. Its position (0-based line order) is its key within the dataset."""
+
+    __tablename__ = "example"
+
+    dataset_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("dataset.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    line: Mapped[int] = mapped_column(Integer)
+    record_id: Mapped[str] = mapped_column(Text)
+    group: Mapped[str | None] = mapped_column(Text)
+    raw: Mapped[dict[str, Any]]
+
+
+class Job(Base):
+    __tablename__ = "job"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    dataset_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
+    status: Mapped[JobStatus] = mapped_column(
+        Enum(JobStatus, name="job_status", values_callable=lambda e: [m.value for m in e]),
+        default=JobStatus.QUEUED,
+    )
+    student: Mapped[dict[str, Any]]
+    config: Mapped[dict[str, Any]]
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    exemplar_sets: Mapped[dict[str, Any] | None]
+    report: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_job_created_at", "created_at"),)
+
+
+class Chunk(Base):
+    """A slice of a job's examples [start, stop): the unit of work of one task."""
+
+    __tablename__ = "chunk"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("job.id", ondelete="CASCADE"), primary_key=True
+    )
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    start: Mapped[int] = mapped_column(Integer)
+    stop: Mapped[int] = mapped_column(Integer)
+    status: Mapped[ChunkStatus] = mapped_column(
+        Enum(ChunkStatus, name="chunk_status", values_callable=lambda e: [m.value for m in e]),
+        default=ChunkStatus.PENDING,
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    generations: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Completions the engine made for this chunk; cache hits are counted apart."""
+    cached_generations: Mapped[int] = mapped_column(BigInteger, default=0)
+    seconds: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Verdict(Base):
+    """One example's audit within a job; written with upserts, so a retried chunk rewrites it."""
+
+    __tablename__ = "verdict"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("job.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    category: Mapped[str] = mapped_column(String(16))
+    flagged: Mapped[bool] = mapped_column(Boolean)
+    conflict: Mapped[bool] = mapped_column(Boolean)
+    audit: Mapped[dict[str, Any]]
+    answers: Mapped[dict[str, Any]]
+    """The student's answers (greedy and sampled, per prompt): re-scoring needs no model."""
+
+    __table_args__ = (Index("ix_verdict_job_category", "job_id", "category", "position"),)
+
+
+class Generation(Base):
+    """The generation cache: completions by (student model and revision, prompt, options)."""
+
+    __tablename__ = "generation"
+
+    key: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    model_id: Mapped[str] = mapped_column(Text)
+    texts: Mapped[list[Any]]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -1,0 +1,37 @@
+"""Settings, from `KMA_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KMA_", extra="ignore")
+
+    data_dir: Path = Field(
+        Path.home() / ".kma",
+        description="Where the embedded default keeps its database, broker and model cache.",
+    )
+    database_url: str | None = Field(
+        None, description="PostgreSQL URL; unset: the embedded PostgreSQL under data_dir."
+    )
+    broker_url: str | None = Field(
+        None, description="Redis URL for Celery; unset: the embedded Redis under data_dir."
+    )
+    chunk_size: int = Field(256, ge=1, description="Examples per worker task.")
+    task_visibility_timeout: int = Field(
+        3600,
+        ge=1,
+        description="Seconds before a task taken by a worker that died is handed out again.",
+    )
+    webhook_secret: str = Field("", description="Signs webhook bodies (HMAC-SHA256).")
+    max_upload_errors: int = Field(50, ge=1, description="Invalid lines listed in a 422.")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,95 @@
+"""Shared fixtures: a real PostgreSQL (fresh database, real migrations), a real Redis, the student.
+
+PostgreSQL and Redis are the machine's when they answer on their usual ports (or the servers
+`KMA_TEST_DATABASE_URL` / `KMA_TEST_BROKER_URL` name), else the embedded ones.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from app.db import make_engine, migrate
+from app.embedded import ensure_database, start_postgres, start_redis, stop_redis
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+CACHE = REPO / ".cache"
+
+
+def answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if url := os.environ.get("KMA_TEST_DATABASE_URL"):
+        yield url
+    elif answers("127.0.0.1", 5432):
+        yield "postgresql://postgres@127.0.0.1:5432/postgres"
+    else:
+        server, url = start_postgres(tmp_path_factory.mktemp("embedded"), database="postgres")
+        yield url
+        server._cleanup()
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres_admin_url: str) -> Iterator[str]:
+    """A fresh database with the real migrations applied, dropped after the session."""
+    name = f"kma_test_{uuid.uuid4().hex[:12]}"
+    ensure_database(postgres_admin_url, name)
+    base, _, query = postgres_admin_url.partition("?")
+    url = base.rsplit("/", 1)[0] + f"/{name}" + (f"?{query}" if query else "")
+    migrate(url)
+    yield url
+    with psycopg.connect(postgres_admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def db_engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def session(db_engine: Engine) -> Iterator[Session]:
+    """A session whose commits are savepoints, all rolled back after the test."""
+    with db_engine.connect() as connection:
+        transaction = connection.begin()
+        with Session(bind=connection, join_transaction_mode="create_savepoint") as session:
+            yield session
+        transaction.rollback()
+
+
+@pytest.fixture(scope="session")
+def broker_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if url := os.environ.get("KMA_TEST_BROKER_URL"):
+        yield url
+    elif answers("127.0.0.1", 6379):
+        yield "redis://127.0.0.1:6379/15"
+    else:
+        server, url = start_redis(tmp_path_factory.mktemp("redis"))
+        yield url
+        stop_redis(server)
+
+
+@pytest.fixture(scope="session")
+def student_dir() -> Path:
+    """The tiny student, built once and cached under .cache/ between runs."""
+    from workers.tiny_student import ensure_student
+
+    return ensure_student(CACHE / "tiny-student")
