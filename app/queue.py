@@ -15,7 +15,6 @@ from app.settings import get_settings
 
 PLAN_JOB = "jobs.plan"
 RUN_CHUNK = "jobs.run_chunk"
-FINALIZE_JOB = "jobs.finalize"
 SEND_WEBHOOK = "jobs.send_webhook"
 
 

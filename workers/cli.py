@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +18,7 @@ from pydantic import ValidationError
 
 from app.audit.schemas import AuditConfig
 from app.datasets.domain import DatasetError
+from app.settings import Settings, get_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -86,6 +93,142 @@ def format_categories(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+@contextmanager
+def services(settings: Settings) -> Iterator[tuple[str, str]]:
+    """The configured PostgreSQL and Redis, or embedded ones under the data folder."""
+    if settings.database_url and settings.broker_url:
+        yield settings.database_url, settings.broker_url
+        return
+    from app.embedded import embedded_services
+
+    with embedded_services(settings.data_dir) as (database_url, broker_url):
+        yield settings.database_url or database_url, settings.broker_url or broker_url
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.db import migrate
+
+    settings = get_settings()
+    with services(settings) as (database_url, broker_url):
+        os.environ.update(KMA_DATABASE_URL=database_url, KMA_BROKER_URL=broker_url)
+        get_settings.cache_clear()
+        migrate(database_url)
+        worker = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker"])
+        try:
+            uvicorn.run("app.main:app", host=args.host, port=args.port, log_level="info")
+        finally:
+            worker.terminate()
+            worker.wait(timeout=60)
+    return EXIT_OK
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    uvicorn.run("app.main:app", host=args.host, port=args.port, workers=args.workers)
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.tasks import celery
+
+    celery.worker_main(
+        ["worker", "--pool=solo", "--concurrency=1", f"--loglevel={args.loglevel}"]
+        + (["--hostname", args.hostname] if args.hostname else [])
+    )
+    return EXIT_OK
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from app.db import migrate
+
+    url = get_settings().database_url
+    if not url:
+        print("kma migrate: set KMA_DATABASE_URL", file=sys.stderr)
+        return EXIT_USAGE
+    migrate(url)
+    return EXIT_OK
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_until_ready(url: str, server: subprocess.Popen[bytes], timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with status {server.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the server was not ready after {timeout:.0f} s")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build the tiny student, start the embedded service, audit a demo dataset over HTTP."""
+    from tqdm import tqdm
+
+    from app.client import Client
+    from workers.tiny_student import ensure_student, write_dataset
+
+    settings = get_settings()
+    demo_dir = settings.data_dir / "demo"
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    print("1/4 the student: a tiny model that knows some invented facts", file=sys.stderr)
+    student = ensure_student(settings.data_dir / "models" / "tiny-student-v1")
+    dataset_path = demo_dir / "teacher.jsonl"
+    write_dataset(dataset_path, n_trained=60, n_unseen=40)
+
+    port = args.port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = demo_dir / "serve.log"
+    print(f"2/4 starting kma serve on {url} (log: {log_path})", file=sys.stderr)
+    with log_path.open("ab") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "serve", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until_ready(url, server, timeout=180)
+        client = Client(url)
+        dataset = client.upload_dataset(dataset_path, name="demo teacher dataset")
+        print(f"3/4 uploaded {dataset['num_examples']} examples; auditing", file=sys.stderr)
+        job = client.create_job(dataset["id"], student={"model": str(student), "engine": "hf"})
+        with tqdm(total=job["progress"]["total"], unit="ex", file=sys.stderr) as bar:
+
+            def show(state: dict[str, Any]) -> None:
+                bar.update(state["progress"]["done"] - bar.n)
+
+            job = client.wait(job["id"], poll_seconds=0.5, on_progress=show)
+        if job["status"] != "succeeded":
+            print(f"the job ended {job['status']}: {job.get('error')}", file=sys.stderr)
+            return EXIT_FAILED
+        report = client.report(job["id"])
+        filtered = demo_dir / "filtered.jsonl"
+        client.download(job["id"], filtered)
+        print("4/4 done\n", file=sys.stderr)
+        print(format_categories(report))
+        print(f"\nfiltered dataset: {filtered}")
+        print("download it again (with `kma serve` running):")
+        print(f"  curl -o filtered.jsonl '{url.rsplit(':', 1)[0]}:8000/v1/jobs/{job['id']}/export'")
+        return EXIT_OK
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kma", description="Knowledge-mismatch audit for distillation datasets."
@@ -112,6 +255,34 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--out", required=True, help="folder for the three output files")
     audit.add_argument("--chunk-size", type=int, default=512, help="examples per batch")
     audit.set_defaults(run=cmd_audit)
+
+    serve = commands.add_parser(
+        "serve",
+        help="the API and a worker; embedded PostgreSQL and Redis unless KMA_* name servers",
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(run=cmd_serve)
+
+    api = commands.add_parser("api", help="the API alone (production)")
+    api.add_argument("--host", default="0.0.0.0")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--workers", type=int, default=1, help="uvicorn processes")
+    api.set_defaults(run=cmd_api)
+
+    worker = commands.add_parser(
+        "worker", help="one audit worker (run one per GPU, e.g. with CUDA_VISIBLE_DEVICES)"
+    )
+    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--hostname", help="Celery node name, unique per worker")
+    worker.set_defaults(run=cmd_worker)
+
+    migrate = commands.add_parser("migrate", help="bring KMA_DATABASE_URL to the newest schema")
+    migrate.set_defaults(run=cmd_migrate)
+
+    demo = commands.add_parser("demo", help=cmd_demo.__doc__)
+    demo.add_argument("--port", type=int, help="port for the demo server (default: a free one)")
+    demo.set_defaults(run=cmd_demo)
     return parser
 
 

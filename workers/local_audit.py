@@ -54,10 +54,9 @@ def audit_file(
 
     report = {
         **summarize(examples, verdicts, config),
-        "generations_detail": {
-            "greedy": stats.greedy_generations,
-            "sampled": stats.sampled_generations,
-        },
+        "generations": stats.greedy_generations + stats.sampled_generations,
+        "generations_greedy": stats.greedy_generations,
+        "generations_sampled": stats.sampled_generations,
         "engine_calls": stats.engine_calls,
         "student": {"model": engine.model_id, "engine": engine_name},
         "config": config.model_dump(mode="json"),

@@ -86,7 +86,7 @@ def audit_batch(
         if not wanted:
             break
         requests = [
-            GenerationRequest(p, sample_options(config, more))
+            GenerationRequest(p, sample_options(config, more), draw=tallies[i].drawn)
             for i, more in wanted
             for p in prompts[i]
         ]

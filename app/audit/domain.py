@@ -100,6 +100,20 @@ def draw_exemplar_sets(examples: Sequence[Example], config: AuditConfig) -> Exem
     return sets
 
 
+def exemplar_sets_to_json(sets: ExemplarSets) -> dict[str, Any]:
+    return {
+        key: [[{"question": e.question, "answer": e.answer} for e in s] for s in group]
+        for key, group in sets.items()
+    }
+
+
+def exemplar_sets_from_json(data: Mapping[str, Any]) -> ExemplarSets:
+    return {
+        key: [[Exemplar(e["question"], e["answer"]) for e in s] for s in group]
+        for key, group in data.items()
+    }
+
+
 def build_prompts(example: Example, sets: ExemplarSets, config: AuditConfig) -> list[str]:
     """The example's few-shot prompts, one per exemplar set, never showing its own question."""
     template = config.prompt
@@ -323,6 +337,6 @@ def summarize(
             for ex, v in zip(examples, verdicts, strict=True)
             if v.conflict
         ],
-        "generations": sum(v.audit.generations for v in verdicts),
+        "generations_used": sum(v.audit.generations for v in verdicts),
         "mode": config.mode,
     }

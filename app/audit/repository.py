@@ -1,0 +1,128 @@
+"""Queries the audit workers run: chunks, verdict upserts, the generation cache."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from app.models import Chunk, ChunkStatus, Example, Generation, Job, JobStatus, Verdict, utcnow
+
+
+def lock_job(session: Session, job_id: uuid.UUID) -> Job | None:
+    return session.get(Job, job_id, with_for_update=True)
+
+
+def iter_examples(
+    session: Session, dataset_id: uuid.UUID, start: int = 0, stop: int | None = None
+) -> Iterator[Example]:
+    query = (
+        select(Example)
+        .where(Example.dataset_id == dataset_id, Example.position >= start)
+        .order_by(Example.position)
+    )
+    if stop is not None:
+        query = query.where(Example.position < stop)
+    yield from session.scalars(query.execution_options(yield_per=5000))
+
+
+def add_chunks(session: Session, job_id: uuid.UUID, total: int, size: int) -> int:
+    starts = range(0, total, size)
+    session.add_all(
+        Chunk(job_id=job_id, index=i, start=start, stop=min(start + size, total))
+        for i, start in enumerate(starts)
+    )
+    return len(starts)
+
+
+def pending_chunks(session: Session, job_id: uuid.UUID) -> list[int]:
+    return list(
+        session.scalars(
+            select(Chunk.index)
+            .where(Chunk.job_id == job_id, Chunk.status == ChunkStatus.PENDING)
+            .order_by(Chunk.index)
+        )
+    )
+
+
+def get_chunk(session: Session, job_id: uuid.UUID, index: int) -> Chunk | None:
+    return session.get(Chunk, (job_id, index))
+
+
+def upsert_verdicts(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """Write verdicts; a chunk run again overwrites its own rows instead of adding more."""
+    if not rows:
+        return
+    statement = insert(Verdict).values(list(rows))
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[Verdict.job_id, Verdict.position],
+            set_={
+                c: statement.excluded[c]
+                for c in ("category", "flagged", "conflict", "audit", "answers")
+            },
+        )
+    )
+
+
+def iter_verdicts(session: Session, job_id: uuid.UUID) -> Iterator[tuple[Verdict, Example]]:
+    job = session.get(Job, job_id)
+    assert job is not None
+    query = (
+        select(Verdict, Example)
+        .join(
+            Example,
+            (Example.dataset_id == job.dataset_id) & (Example.position == Verdict.position),
+        )
+        .where(Verdict.job_id == job_id)
+        .order_by(Verdict.position)
+        .execution_options(yield_per=5000)
+    )
+    for row in session.execute(query):
+        yield row[0], row[1]
+
+
+def generation_counts(session: Session, job_id: uuid.UUID) -> tuple[int, int]:
+    new, cached = session.execute(
+        select(
+            func.coalesce(func.sum(Chunk.generations), 0),
+            func.coalesce(func.sum(Chunk.cached_generations), 0),
+        ).where(Chunk.job_id == job_id)
+    ).one()
+    return int(new), int(cached)
+
+
+def mark_failed(session: Session, job_id: uuid.UUID, error: str) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+        .values(status=JobStatus.FAILED, error=error, finished_at=utcnow())
+    )
+
+
+class SqlGenerationStore:
+    """The generation cache in PostgreSQL. Writes join the caller's transaction."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def get_many(self, keys: Sequence[bytes]) -> Mapping[bytes, list[str]]:
+        found: dict[bytes, list[str]] = {}
+        for start in range(0, len(keys), 5000):
+            batch = keys[start : start + 5000]
+            rows = self.session.execute(
+                select(Generation.key, Generation.texts).where(Generation.key.in_(batch))
+            )
+            found.update({key: texts for key, texts in rows})
+        return found
+
+    def put_many(self, model_id: str, items: Mapping[bytes, list[str]]) -> None:
+        rows = [{"key": k, "model_id": model_id, "texts": v} for k, v in items.items()]
+        for start in range(0, len(rows), 5000):
+            self.session.execute(
+                insert(Generation).values(rows[start : start + 5000]).on_conflict_do_nothing()
+            )

@@ -1,0 +1,50 @@
+"""The generation cache as an engine wrapper: same interface, asks the inner engine only for
+requests it has not answered before."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from typing import Protocol
+
+from workers.engines.base import Engine, GenerationRequest, GenerationResult
+
+
+class GenerationStore(Protocol):
+    def get_many(self, keys: Sequence[bytes]) -> Mapping[bytes, list[str]]: ...
+
+    def put_many(self, model_id: str, items: Mapping[bytes, list[str]]) -> None: ...
+
+
+def cache_key(model_id: str, request: GenerationRequest) -> bytes:
+    """(student model and revision, prompt, sampling options, which draw) as 32 bytes."""
+    payload = json.dumps(
+        [model_id, request.prompt, asdict(request.options), request.draw], sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).digest()
+
+
+class CachedEngine:
+    def __init__(self, engine: Engine, store: GenerationStore) -> None:
+        self.engine = engine
+        self.store = store
+        self.model_id = engine.model_id
+        self.new_generations = 0
+        self.cached_generations = 0
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        keys = [cache_key(self.model_id, r) for r in requests]
+        found = dict(self.store.get_many(list(set(keys))))
+        missing = {k: r for k, r in zip(keys, requests, strict=True) if k not in found}
+        if missing:
+            results = self.engine.generate(list(missing.values()))
+            fresh = {k: res.texts for k, res in zip(missing, results, strict=True)}
+            self.store.put_many(self.model_id, fresh)
+            found.update(fresh)
+            self.new_generations += sum(len(t) for t in fresh.values())
+        self.cached_generations += sum(
+            r.options.n for k, r in zip(keys, requests, strict=True) if k not in missing
+        )
+        return [GenerationResult(list(found[k])) for k in keys]
