@@ -22,7 +22,7 @@ from sqlalchemy import (
     Uuid,
     func,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSON, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -73,7 +73,8 @@ class Example(Base):
     line: Mapped[int] = mapped_column(Integer)
     record_id: Mapped[str] = mapped_column(Text)
     group: Mapped[str | None] = mapped_column(Text)
-    raw: Mapped[dict[str, Any]]
+    raw: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """JSON, not JSONB: the export writes keys back in the order they were uploaded."""
 
 
 class Job(Base):

@@ -10,6 +10,7 @@ from functools import lru_cache
 from typing import Any, Protocol
 
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 from app.settings import get_settings
 
@@ -33,6 +34,10 @@ def make_celery(broker_url: str) -> Celery:
     return celery
 
 
+class QueueUnavailable(RuntimeError):
+    """The broker could not take the task."""
+
+
 class Queue(Protocol):
     def send(self, task: str, *args: Any) -> None: ...
 
@@ -42,7 +47,10 @@ class CeleryQueue:
         self.celery = celery
 
     def send(self, task: str, *args: Any) -> None:
-        self.celery.send_task(task, args=args)
+        try:
+            self.celery.send_task(task, args=args, retry_policy={"max_retries": 2})
+        except OperationalError as exc:
+            raise QueueUnavailable(str(exc)) from exc
 
 
 @lru_cache

@@ -67,6 +67,7 @@ def test_lines_split_across_chunks() -> None:
         (b"[1, 2]\n", "line 1: must be a JSON object, got list"),
         (b'{"question": "a\xff?", "answer": "1"}\n', "line 1: not valid UTF-8 (byte 16"),
         (b"", "line 1: the dataset is empty"),
+        (b'{"question": "a\\u0000?", "answer": "1"}\n', "line 1: contains \\u0000"),
         (b"\n\n", "line 1: the dataset is empty"),
         (
             b'{"id": 1, "question": "a?", "answer": "1"}\n'

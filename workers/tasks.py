@@ -9,6 +9,9 @@ import logging
 import uuid
 from typing import Any
 
+from celery.signals import worker_ready
+
+from app.audit import repository
 from app.db import get_sessionmaker
 from app.queue import PLAN_JOB, RUN_CHUNK, get_queue, make_celery
 from app.settings import get_settings
@@ -31,6 +34,14 @@ def engine_for(student: dict[str, Any]) -> Engine:
         log.info("loading %s on engine %s", key[1], key[0])
         _loaded[key] = load_engine(key[0], key[1], revision=key[2])
     return _loaded[key]
+
+
+@worker_ready.connect
+def plan_queued_jobs(**_: Any) -> None:
+    """Queue again the jobs the broker never took (it was down when they were submitted)."""
+    with get_sessionmaker()() as session:
+        for job_id in repository.queued_job_ids(session):
+            get_queue().send(PLAN_JOB, str(job_id))
 
 
 @celery.task(name=PLAN_JOB)

@@ -17,6 +17,10 @@ def lock_job(session: Session, job_id: uuid.UUID) -> Job | None:
     return session.get(Job, job_id, with_for_update=True)
 
 
+def queued_job_ids(session: Session) -> list[uuid.UUID]:
+    return list(session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED)))
+
+
 def iter_examples(
     session: Session, dataset_id: uuid.UUID, start: int = 0, stop: int | None = None
 ) -> Iterator[Example]:

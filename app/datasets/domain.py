@@ -150,7 +150,17 @@ def decode_line(line_no: int, data: bytes) -> dict[str, Any] | None:
         raise RecordError(None, f"not valid JSON: {exc.msg} (column {exc.colno})") from None
     if not isinstance(obj, dict):
         raise RecordError(None, f"must be a JSON object, got {_kind(obj)}")
+    if "\\u0000" in text and _has_nul(obj):
+        raise RecordError(None, "contains \\u0000, which a dataset cannot store")
     return obj
+
+
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    return isinstance(value, list) and any(_has_nul(v) for v in value)
 
 
 def parse_records(chunks: Iterable[bytes]) -> Iterator[Record | LineError]:
@@ -172,23 +182,37 @@ def parse_records(chunks: Iterable[bytes]) -> Iterator[Record | LineError]:
         yield Record(line_no, obj, example)
 
 
-def load_records(chunks: Iterable[bytes]) -> list[Record]:
-    """All records of a dataset, or DatasetError listing every invalid line."""
-    records: list[Record] = []
+def valid_records(
+    chunks: Iterable[bytes], max_errors: int = MAX_REPORTED_ERRORS
+) -> Iterator[Record]:
+    """The records of a JSONL stream, checked to the last line.
+
+    Records are yielded while every line so far is valid, so a caller can store them as they
+    come; after the stream ends, DatasetError lists the invalid lines (the first `max_errors`,
+    and how many more), and the caller discards what it stored. Memory holds one line.
+    """
     errors: list[LineError] = []
     more = 0
+    count = 0
     for item in parse_records(chunks):
-        if isinstance(item, Record):
-            records.append(item)
-        elif len(errors) < MAX_REPORTED_ERRORS:
-            errors.append(item)
+        if isinstance(item, LineError):
+            if len(errors) < max_errors:
+                errors.append(item)
+            else:
+                more += 1
         else:
-            more += 1
-    if not errors and not records:
+            count += 1
+            if not errors:
+                yield item
+    if not errors and count == 0:
         errors.append(LineError(1, None, "the dataset is empty: no JSON records found"))
     if errors:
         raise DatasetError(errors, more)
-    return records
+
+
+def load_records(chunks: Iterable[bytes]) -> list[Record]:
+    """All records of a dataset, or DatasetError listing the invalid lines."""
+    return list(valid_records(chunks))
 
 
 def with_answer(raw: dict[str, Any], answer: str) -> dict[str, Any]:

@@ -48,7 +48,7 @@ def upgrade() -> None:
         sa.Column("line", sa.Integer(), nullable=False),
         sa.Column("record_id", sa.Text(), nullable=False),
         sa.Column("group", sa.Text(), nullable=True),
-        sa.Column("raw", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
+        sa.Column("raw", postgresql.JSON(astext_type=sa.Text()), nullable=False),
         sa.ForeignKeyConstraint(["dataset_id"], ["dataset.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("dataset_id", "position"),
     )

@@ -1,0 +1,42 @@
+"""Dataset queries; examples are written with COPY, streamed as they are read."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+
+import psycopg
+from psycopg.types.json import Json
+from sqlalchemy.orm import Session
+
+from app.datasets.domain import Record
+from app.models import Dataset
+
+COPY_EXAMPLES = 'COPY example (dataset_id, position, line, record_id, "group", raw) FROM STDIN'
+
+ExampleWriter = Callable[[int, Record], None]
+"""Writes one record at its position (0-based, upload order)."""
+
+
+def get_dataset(session: Session, dataset_id: uuid.UUID) -> Dataset | None:
+    return session.get(Dataset, dataset_id)
+
+
+@contextmanager
+def copy_examples(session: Session, dataset_id: uuid.UUID) -> Iterator[ExampleWriter]:
+    """A writer of the dataset's examples, in the session's transaction.
+
+    psycopg sends COPY data as its buffer fills, so memory stays flat however many rows pass.
+    """
+    connection = cast("psycopg.Connection[Any]", session.connection().connection.driver_connection)
+    with connection.cursor() as cursor, cursor.copy(COPY_EXAMPLES) as copy:
+
+        def write(position: int, record: Record) -> None:
+            example = record.example
+            copy.write_row(
+                (dataset_id, position, record.line, example.id, example.group, Json(record.raw))
+            )
+
+        yield write

@@ -1,0 +1,63 @@
+"""Dataset endpoints: upload a JSONL file, read a dataset's metadata."""
+
+from __future__ import annotations
+
+import uuid
+from functools import partial
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+
+from app.datasets import service
+from app.datasets.schemas import DatasetRead, InvalidDatasetRead, UploadFormat
+from app.deps import SessionDep, SettingsDep
+from app.errors import NOT_FOUND
+
+UPLOAD_CHUNK_BYTES = 1 << 20
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+
+@router.post(
+    "",
+    status_code=201,
+    summary="Upload a dataset",
+    responses={
+        422: {
+            "model": InvalidDatasetRead,
+            "description": "Invalid lines, with their numbers and reasons; nothing was stored."
+            " (An invalid form field answers FastAPI's usual validation error.)",
+        }
+    },
+)
+def upload_dataset(
+    session: SessionDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File(description="JSONL, one record per line.")],
+    upload_format: Annotated[
+        UploadFormat, Form(alias="format", description="The record format; auto detects it.")
+    ] = "auto",
+    name: Annotated[
+        str | None, Form(min_length=1, max_length=255, description="Default: the file name.")
+    ] = None,
+) -> DatasetRead:
+    """Validate every line of the file and store the dataset, or store nothing.
+
+    The file is read in chunks and its examples are written as they are validated, so an upload
+    of any size runs in constant memory.
+    """
+    chunks = iter(partial(file.file.read, UPLOAD_CHUNK_BYTES), b"")
+    dataset = service.create_dataset(
+        session,
+        name or (file.filename or "dataset.jsonl")[:255],
+        upload_format,
+        chunks,
+        settings.max_upload_errors,
+    )
+    session.commit()
+    return DatasetRead.model_validate(dataset)
+
+
+@router.get("/{dataset_id}", summary="Get a dataset", responses=NOT_FOUND)
+def get_dataset(session: SessionDep, dataset_id: uuid.UUID) -> DatasetRead:
+    return DatasetRead.model_validate(service.get_dataset(session, dataset_id))

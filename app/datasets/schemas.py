@@ -1,0 +1,38 @@
+"""Dataset I/O: the upload's answer and the shape of an invalid upload's 422."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+UploadFormat = Literal["auto", "qa"]
+"""`auto` detects the format from the records; `qa` is the only format there is so far."""
+
+
+class DatasetRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    name: str
+    format: str = Field(description="The record format the dataset was read with.")
+    num_examples: int
+    created_at: datetime
+
+
+class LineErrorRead(BaseModel):
+    line: int = Field(description="1-based line number in the uploaded file.")
+    field: str | None = Field(description="The record field at fault; null for the whole line.")
+    message: str
+
+
+class InvalidDataset(BaseModel):
+    message: str
+    errors: list[LineErrorRead] = Field(description="The first invalid lines, in file order.")
+    more_errors: int = Field(description="Invalid lines found beyond those listed.")
+
+
+class InvalidDatasetRead(BaseModel):
+    detail: InvalidDataset

@@ -1,0 +1,48 @@
+"""Dataset use cases: a streamed, fully validated upload, and reading one back."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+
+from sqlalchemy.orm import Session
+
+from app.datasets import repository
+from app.datasets.domain import valid_records
+from app.datasets.schemas import UploadFormat
+from app.errors import NotFound
+from app.models import Dataset
+
+
+def get_dataset(session: Session, dataset_id: uuid.UUID) -> Dataset:
+    dataset = repository.get_dataset(session, dataset_id)
+    if dataset is None:
+        raise NotFound(f"dataset {dataset_id} not found")
+    return dataset
+
+
+def create_dataset(
+    session: Session,
+    name: str,
+    upload_format: UploadFormat,
+    chunks: Iterable[bytes],
+    max_errors: int,
+) -> Dataset:
+    """Store the dataset read from `chunks`, or raise DatasetError listing its invalid lines.
+
+    Valid lines are written as they come; on the first error writing stops (the caller rolls
+    back) but validation goes on, so the 422 lists every problem up to `max_errors` and counts
+    the rest. Memory holds one chunk and the listed errors.
+    """
+    # Only qa exists so far, so detection has one answer.
+    record_format = "qa" if upload_format == "auto" else upload_format
+    dataset = Dataset(name=name, format=record_format, num_examples=0)
+    session.add(dataset)
+    session.flush()
+    count = 0
+    with repository.copy_examples(session, dataset.id) as write:
+        for record in valid_records(chunks, max_errors):
+            write(count, record)
+            count += 1
+    dataset.num_examples = count
+    return dataset

@@ -1,0 +1,43 @@
+"""Errors that carry their HTTP status, and how routes document them."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel
+
+
+class HTTPError(Exception):
+    """An error a service raises that the API answers with `status_code` and `{"detail": ...}`."""
+
+    status_code: ClassVar[int] = 500
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(HTTPError):
+    status_code = 404
+
+
+class Conflict(HTTPError):
+    status_code = 409
+
+
+class Unprocessable(HTTPError):
+    status_code = 422
+
+
+class ServiceUnavailable(HTTPError):
+    status_code = 503
+
+
+class ErrorRead(BaseModel):
+    detail: str
+
+
+Responses = dict[int | str, dict[str, Any]]
+"""Documented error answers of a route, for OpenAPI."""
+
+NOT_FOUND: Responses = {404: {"model": ErrorRead, "description": "No such resource."}}

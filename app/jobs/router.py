@@ -1,0 +1,133 @@
+"""Job endpoints: submit, poll, cancel, and read the examples, export and report."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+
+from app.audit.domain import ExportPolicy
+from app.audit.schemas import Category
+from app.deps import QueueDep, SessionDep
+from app.errors import NOT_FOUND, ErrorRead, Responses, ServiceUnavailable
+from app.jobs import service
+from app.jobs.schemas import ExamplePage, JobCreate, JobPage, JobRead
+from app.models import JobStatus
+from app.queue import PLAN_JOB, QueueUnavailable
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+Limit = Annotated[int, Query(ge=1, le=200, description="Items per page.")]
+
+
+def conflict(description: str) -> Responses:
+    return {409: {"model": ErrorRead, "description": description}}
+
+
+@router.post(
+    "",
+    status_code=202,
+    summary="Submit an audit job",
+    responses=NOT_FOUND,
+)
+def create_job(session: SessionDep, queue: QueueDep, job_create: JobCreate) -> JobRead:
+    """Queue an audit of the dataset against the student; poll the job it answers.
+
+    Every option is checked now: an invalid one answers 422 naming its field.
+    """
+    job = service.create_job(session, job_create)
+    session.commit()
+    try:
+        queue.send(PLAN_JOB, str(job.id))
+    except QueueUnavailable as exc:
+        raise ServiceUnavailable(
+            f"job {job.id} is stored but the queue did not take it ({exc}); "
+            "it starts when a worker next starts"
+        ) from exc
+    return job
+
+
+@router.get("", summary="List jobs")
+def list_jobs(
+    session: SessionDep,
+    status: JobStatus | None = None,
+    cursor: Annotated[uuid.UUID | None, Query(description="`next_cursor` of a page.")] = None,
+    limit: Limit = 50,
+) -> JobPage:
+    """Jobs, newest first, optionally of one status."""
+    return service.list_jobs(session, status, cursor, limit)
+
+
+@router.get("/{job_id}", summary="Get a job", responses=NOT_FOUND)
+def get_job(session: SessionDep, job_id: uuid.UUID) -> JobRead:
+    """The job's status, progress (counted from its verdicts), generations and time left."""
+    return service.get_job(session, job_id)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    summary="Cancel a job",
+    responses={**NOT_FOUND, **conflict("The job has already finished.")},
+)
+def cancel_job(session: SessionDep, job_id: uuid.UUID) -> JobRead:
+    """Stop a queued or running job. The verdicts written so far stay readable and exportable."""
+    job = service.cancel_job(session, job_id)
+    session.commit()
+    return job
+
+
+@router.get("/{job_id}/examples", summary="List a job's verdicts", responses=NOT_FOUND)
+def list_examples(
+    session: SessionDep,
+    job_id: uuid.UUID,
+    category: Category | None = None,
+    flagged: bool | None = None,
+    cursor: Annotated[
+        str | None, Query(pattern=r"^\d{1,10}$", description="`next_cursor` of a page.")
+    ] = None,
+    limit: Limit = 50,
+) -> ExamplePage:
+    """The examples audited so far, in upload order, each with its record and audit."""
+    return service.list_examples(session, job_id, category, flagged, cursor, limit)
+
+
+@router.get(
+    "/{job_id}/export",
+    summary="Export the audited dataset",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"application/x-ndjson": {}},
+            "description": "The dataset as JSONL, in upload order, rewritten by the policy.",
+        },
+        **NOT_FOUND,
+        **conflict("The job is neither succeeded nor cancelled."),
+    },
+)
+def export_job(
+    session: SessionDep, job_id: uuid.UUID, policy: ExportPolicy = "suggested"
+) -> StreamingResponse:
+    """Stream the dataset back in its own record format.
+
+    `suggested` replaces flagged answers by the suggested ones, `drop` removes flagged rows,
+    `idk` and `student` answer every flagged row with the idk text or the student's answer,
+    `annotate` keeps every row and adds its `audit` object.
+    """
+    chunks = service.export_job(session, job_id, policy)
+    return StreamingResponse(
+        chunks,
+        media_type="application/x-ndjson",
+        headers={"Content-Disposition": f'attachment; filename="kma-{job_id}-{policy}.jsonl"'},
+    )
+
+
+@router.get(
+    "/{job_id}/report",
+    summary="Get a job's report",
+    responses={**NOT_FOUND, **conflict("The job has not finished.")},
+)
+def get_report(session: SessionDep, job_id: uuid.UUID) -> dict[str, Any]:
+    """The summary: counts per category, flagged, suggested actions, conflicts, generations."""
+    return service.get_report(session, job_id)

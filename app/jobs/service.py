@@ -1,0 +1,210 @@
+"""Job use cases: submit, follow and cancel a job; read its examples, export and report."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.audit.domain import ExportPolicy, export_record
+from app.audit.schemas import Audit, AuditConfig, Category
+from app.datasets import service as datasets_service
+from app.errors import Conflict, NotFound, Unprocessable
+from app.jobs import repository
+from app.jobs.schemas import (
+    ExamplePage,
+    ExampleRead,
+    GenerationCounts,
+    JobCreate,
+    JobLinks,
+    JobPage,
+    JobRead,
+    Progress,
+    Student,
+)
+from app.models import Job, JobStatus, utcnow
+
+EXPORTABLE = (JobStatus.SUCCEEDED, JobStatus.CANCELLED)
+EXPORT_CHUNK_BYTES = 1 << 16
+
+
+def _get(session: Session, job_id: uuid.UUID, *, lock: bool = False) -> Job:
+    job = repository.get_job(session, job_id, lock=lock)
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def _eta_seconds(job: Job, done: int, now: datetime) -> float | None:
+    """Time left at the pace so far; unknown until the job runs and has a verdict."""
+    if job.status != JobStatus.RUNNING or job.started_at is None or done == 0:
+        return None
+    elapsed = (now - job.started_at).total_seconds()
+    return round(elapsed / done * max(job.total - done, 0), 1)
+
+
+def _read_many(session: Session, jobs: Sequence[Job]) -> list[JobRead]:
+    """The jobs as polled: three queries whatever their number."""
+    ids = [job.id for job in jobs]
+    counts = repository.verdict_counts(session, ids)
+    generations = repository.generation_totals(session, ids)
+    now = utcnow()
+    reads = []
+    for job in jobs:
+        categories = dict.fromkeys(Category, 0)
+        flagged = 0
+        for category, is_flagged, n in counts.get(job.id, []):
+            categories[Category(category)] += n
+            flagged += n if is_flagged else 0
+        done = sum(categories.values())
+        new, cached = generations.get(job.id, (0, 0))
+        path = f"/v1/jobs/{job.id}"
+        reads.append(
+            JobRead(
+                id=job.id,
+                dataset_id=job.dataset_id,
+                status=job.status,
+                student=Student.model_validate(job.student),
+                config=AuditConfig.model_validate(job.config),
+                webhook_url=job.webhook_url,
+                progress=Progress(
+                    total=job.total, done=done, categories=categories, flagged=flagged
+                ),
+                generations=GenerationCounts(new=new, cached=cached),
+                eta_seconds=_eta_seconds(job, done, now),
+                error=job.error,
+                created_at=job.created_at,
+                started_at=job.started_at,
+                finished_at=job.finished_at,
+                links=JobLinks(
+                    self_=path,
+                    examples=f"{path}/examples",
+                    export=f"{path}/export",
+                    report=f"{path}/report",
+                ),
+            )
+        )
+    return reads
+
+
+def _read(session: Session, job: Job) -> JobRead:
+    return _read_many(session, [job])[0]
+
+
+def create_job(session: Session, job_create: JobCreate) -> JobRead:
+    """A queued job over the whole dataset; the caller commits, then enqueues its planning."""
+    dataset = datasets_service.get_dataset(session, job_create.dataset_id)
+    job = Job(
+        dataset_id=dataset.id,
+        status=JobStatus.QUEUED,
+        student=job_create.student.model_dump(mode="json"),
+        config=job_create.config.model_dump(mode="json"),
+        webhook_url=str(job_create.webhook_url) if job_create.webhook_url else None,
+        total=dataset.num_examples,
+    )
+    session.add(job)
+    session.flush()
+    return _read(session, job)
+
+
+def get_job(session: Session, job_id: uuid.UUID) -> JobRead:
+    return _read(session, _get(session, job_id))
+
+
+def list_jobs(
+    session: Session, status: JobStatus | None, cursor: uuid.UUID | None, limit: int
+) -> JobPage:
+    after = None
+    if cursor is not None:
+        after = repository.get_job(session, cursor)
+        if after is None:
+            raise Unprocessable(f"cursor {cursor} names no job")
+    jobs = repository.list_jobs(session, status, after, limit + 1)
+    page = jobs[:limit]
+    next_cursor = page[-1].id if len(jobs) > limit else None
+    return JobPage(items=_read_many(session, page), next_cursor=next_cursor)
+
+
+def cancel_job(session: Session, job_id: uuid.UUID) -> JobRead:
+    """Stop a queued or running job; workers see the status and do no more of it."""
+    job = _get(session, job_id, lock=True)
+    if job.status.finished:
+        raise Conflict(f"job {job_id} is already {job.status.value}")
+    job.status = JobStatus.CANCELLED
+    job.finished_at = utcnow()
+    session.flush()
+    return _read(session, job)
+
+
+def list_examples(
+    session: Session,
+    job_id: uuid.UUID,
+    category: Category | None,
+    flagged: bool | None,
+    cursor: str | None,
+    limit: int,
+) -> ExamplePage:
+    """The job's verdicts so far, by position; `cursor` is the previous page's last position."""
+    job = _get(session, job_id)
+    after = int(cursor) if cursor is not None else None
+    rows = repository.list_examples(
+        session, job, category.value if category else None, flagged, after, limit + 1
+    )
+    items = [
+        ExampleRead(
+            position=example.position,
+            id=example.record_id,
+            line=example.line,
+            group=example.group,
+            record=example.raw,
+            audit=Audit.model_validate(verdict.audit),
+        )
+        for verdict, example in rows[:limit]
+    ]
+    next_cursor = str(items[-1].position) if len(rows) > limit else None
+    return ExamplePage(items=items, next_cursor=next_cursor)
+
+
+def export_job(session: Session, job_id: uuid.UUID, policy: ExportPolicy) -> Iterator[bytes]:
+    """The dataset as the policy writes it back, as JSONL chunks, in upload order.
+
+    Checks the job now and reads the rows as the chunks are taken. Examples without a verdict
+    (a job cancelled part way) are written unchanged.
+    """
+    job = _get(session, job_id)
+    if job.status not in EXPORTABLE:
+        raise Conflict(f"job {job_id} is {job.status.value}: export needs it finished or cancelled")
+    idk_text = AuditConfig.model_validate(job.config).idk_text
+    return _jsonl(
+        export_record(raw, Audit.model_validate(audit), policy, idk_text)
+        if audit is not None
+        else raw
+        for raw, audit in repository.iter_records(session, job)
+    )
+
+
+def _jsonl(records: Iterator[dict[str, Any] | None]) -> Iterator[bytes]:
+    buffer: list[str] = []
+    size = 0
+    for record in records:
+        if record is None:
+            continue
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        buffer.append(line)
+        size += len(line)
+        if size >= EXPORT_CHUNK_BYTES:
+            yield "".join(buffer).encode()
+            buffer, size = [], 0
+    if buffer:
+        yield "".join(buffer).encode()
+
+
+def get_report(session: Session, job_id: uuid.UUID) -> dict[str, Any]:
+    job = _get(session, job_id)
+    if job.report is None:
+        raise Conflict(f"job {job_id} is {job.status.value}: the report is written when it ends")
+    return job.report

@@ -1,0 +1,469 @@
+"""The jobs API on a real PostgreSQL, with verdicts written as a worker would; health probes."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.audit.schemas import Audit, Category, SuggestedAction
+from app.db import make_engine, session_scope
+from app.main import create_app
+from app.models import Chunk, Job, JobStatus, Verdict, utcnow
+from app.queue import PLAN_JOB, QueueUnavailable, get_queue
+from app.settings import Settings, get_settings
+
+RECORDS = [
+    {"id": "a", "question": "Capital of Zorvania?", "answer": "Quell", "group": "P36"},
+    {"id": "b", "question": "Who wrote Ombra?", "answers": ["Ann Vey", "A. Vey"]},
+    {"id": "c", "question": "Where is Tarn?", "answer": "Lutz", "group": "P131"},
+    {"id": "d", "question": "Who founded Kell?", "answer": "Ora", "group": "P112"},
+    {"id": "e", "question": "When was Ysk built?", "answer": "1820"},
+]
+IDK = "No idea."
+
+
+class Recorder:
+    """The queue as tests see it: what was sent, in order with the commits around it."""
+
+    def __init__(self, events: list[Any]) -> None:
+        self.events = events
+
+    def send(self, task: str, *args: Any) -> None:
+        self.events.append((task, *args))
+
+
+@pytest.fixture
+def events() -> list[Any]:
+    return []
+
+
+@pytest.fixture
+def client(session: Session, events: list[Any], broker_url: str) -> Iterator[TestClient]:
+    def request_session() -> Iterator[Session]:
+        try:
+            yield session
+        finally:
+            session.rollback()  # what closing a request's session does to what it did not commit
+
+    app = create_app()
+    app.dependency_overrides[session_scope] = request_session
+    app.dependency_overrides[get_queue] = lambda: Recorder(events)
+    app.dependency_overrides[get_settings] = lambda: Settings(broker_url=broker_url)
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture
+def dataset_id(client: TestClient) -> str:
+    content = b"".join(json.dumps(r).encode() + b"\n" for r in RECORDS)
+    response = client.post("/v1/datasets", files={"file": ("t.jsonl", content)})
+    assert response.status_code == 201
+    return str(response.json()["id"])
+
+
+def submit(client: TestClient, dataset_id: str, **body: Any) -> dict[str, Any]:
+    response = client.post(
+        "/v1/jobs",
+        json={"dataset_id": dataset_id, "student": {"model": "tiny"}, **body},
+    )
+    assert response.status_code == 202, response.text
+    return dict(response.json())
+
+
+def audit(category: Category, action: SuggestedAction, answer: str, agreement: float) -> Audit:
+    flagged = category == Category.UNKNOWN
+    return Audit(
+        category=category,
+        flagged=flagged,
+        p_greedy=1.0 if category == Category.HIGHLY_KNOWN else 0.0,
+        p_sample=None if category == Category.HIGHLY_KNOWN else 0.1 * (not flagged),
+        student_answer=answer,
+        agreement=agreement,
+        suggested_action=action,
+        suggested_answer={"keep": None, "relabel_student": answer, "relabel_idk": IDK}[action],
+        generations=10,
+    )
+
+
+AUDITS = [
+    audit(Category.HIGHLY_KNOWN, SuggestedAction.KEEP, "Quell", 1.0),
+    audit(Category.UNKNOWN, SuggestedAction.RELABEL_STUDENT, "Bo Ek", 0.95),
+    audit(Category.UNKNOWN, SuggestedAction.RELABEL_IDK, "Vark", 0.3),
+    audit(Category.WEAKLY_KNOWN, SuggestedAction.KEEP, "Ora", 0.2),
+]
+"""Verdicts for the first four records; the fifth has none (a job cancelled before it)."""
+
+
+def set_status(session: Session, job_id: str, status: JobStatus, **values: Any) -> Job:
+    job = session.get_one(Job, uuid.UUID(job_id))
+    job.status = status
+    for key, value in values.items():
+        setattr(job, key, value)
+    session.commit()
+    return job
+
+
+@pytest.fixture
+def audited(client: TestClient, session: Session, dataset_id: str) -> str:
+    """A running job with verdicts for four of its five examples, as a worker writes them."""
+    job_id = submit(client, dataset_id, config={"idk_text": IDK})["id"]
+    set_status(session, job_id, JobStatus.RUNNING, started_at=utcnow() - timedelta(seconds=100))
+    session.add_all(
+        Verdict(
+            job_id=uuid.UUID(job_id),
+            position=position,
+            category=a.category.value,
+            flagged=a.flagged,
+            conflict=False,
+            audit=a.model_dump(mode="json"),
+            answers={},
+        )
+        for position, a in enumerate(AUDITS)
+    )
+    session.add_all(
+        Chunk(
+            job_id=uuid.UUID(job_id),
+            index=i,
+            start=i * 3,
+            stop=min(i * 3 + 3, 5),
+            generations=30 + i,
+            cached_generations=i,
+        )
+        for i in range(2)
+    )
+    session.commit()
+    return job_id
+
+
+# --- submit -----------------------------------------------------------------------------------
+
+
+def test_submit_commits_then_enqueues_the_plan(
+    client: TestClient,
+    session: Session,
+    dataset_id: str,
+    events: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    commit = session.commit
+
+    def recorded_commit() -> None:
+        events.append("commit")
+        commit()
+
+    monkeypatch.setattr(session, "commit", recorded_commit)
+    job = submit(client, dataset_id, webhook_url="https://hooks.example.com/kma")
+    assert events == ["commit", (PLAN_JOB, job["id"])]
+    assert job["status"] == "queued"
+    assert job["student"] == {"model": "tiny", "engine": "auto", "revision": None}
+    assert job["config"]["samples"] == 16
+    assert job["config"]["flag_categories"] == ["Unknown"]
+    assert job["webhook_url"] == "https://hooks.example.com/kma"
+    assert job["progress"] == {
+        "total": 5,
+        "done": 0,
+        "categories": {"HighlyKnown": 0, "MaybeKnown": 0, "WeaklyKnown": 0, "Unknown": 0},
+        "flagged": 0,
+    }
+    assert job["generations"] == {"new": 0, "cached": 0}
+    assert job["eta_seconds"] is None
+    assert job["links"]["export"] == f"/v1/jobs/{job['id']}/export"
+    row = session.get_one(Job, uuid.UUID(job["id"]))
+    assert (row.status, row.total, row.config["samples"]) == (JobStatus.QUEUED, 5, 16)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"config": {"samples": -1}}, ["body", "config", "samples"]),
+        ({"config": {"sample": 4}}, ["body", "config", "sample"]),
+        ({"config": {"top_k": 0}}, ["body", "config", "top_k"]),
+        ({"student": {"model": "tiny", "engine": "tpu"}}, ["body", "student", "engine"]),
+        ({"webhook_url": "ftp://example.com"}, ["body", "webhook_url"]),
+    ],
+)
+def test_submit_refuses_bad_options(
+    client: TestClient, dataset_id: str, events: list[Any], body: dict[str, Any], field: list[str]
+) -> None:
+    response = client.post(
+        "/v1/jobs", json={"dataset_id": dataset_id, "student": {"model": "tiny"}, **body}
+    )
+    assert response.status_code == 422
+    assert [e["loc"] for e in response.json()["detail"]] == [field]
+    assert events == []
+
+
+def test_submit_to_an_unknown_dataset(client: TestClient, events: list[Any]) -> None:
+    response = client.post(
+        "/v1/jobs", json={"dataset_id": str(uuid.uuid4()), "student": {"model": "tiny"}}
+    )
+    assert response.status_code == 404
+    assert "dataset" in response.json()["detail"]
+    assert events == []
+
+
+# --- poll ---------------------------------------------------------------------------------------
+
+
+def test_progress_is_counted_from_verdicts(client: TestClient, audited: str) -> None:
+    job = client.get(f"/v1/jobs/{audited}").json()
+    assert job["status"] == "running"
+    assert job["progress"] == {
+        "total": 5,
+        "done": 4,
+        "categories": {"HighlyKnown": 1, "MaybeKnown": 0, "WeaklyKnown": 1, "Unknown": 2},
+        "flagged": 2,
+    }
+    assert job["generations"] == {"new": 61, "cached": 1}
+    assert job["eta_seconds"] == pytest.approx(25, abs=2)  # 100 s for 4, so 25 s for the last
+
+
+def test_get_an_unknown_job(client: TestClient) -> None:
+    assert client.get(f"/v1/jobs/{uuid.uuid4()}").status_code == 404
+    assert client.get("/v1/jobs/nope").status_code == 422
+
+
+def test_list_newest_first_filtered_and_paginated(
+    client: TestClient, session: Session, dataset_id: str
+) -> None:
+    ids = [submit(client, dataset_id)["id"] for _ in range(3)]
+    set_status(session, ids[1], JobStatus.FAILED, error="boom")
+
+    first = client.get("/v1/jobs", params={"limit": 2}).json()
+    assert [j["id"] for j in first["items"]] == [ids[2], ids[1]]
+    assert first["next_cursor"] == ids[1]
+    second = client.get("/v1/jobs", params={"limit": 2, "cursor": first["next_cursor"]}).json()
+    assert second["items"][0]["id"] == ids[0]
+
+    failed = client.get("/v1/jobs", params={"status": "failed"}).json()["items"]
+    assert failed[0]["id"] == ids[1]
+    assert failed[0]["error"] == "boom"
+    assert all(j["status"] == "failed" for j in failed)
+
+    for params in ({"limit": 0}, {"limit": 201}, {"status": "done"}, {"cursor": "x"}):
+        assert client.get("/v1/jobs", params=params).status_code == 422
+    unknown = client.get("/v1/jobs", params={"cursor": str(uuid.uuid4())})
+    assert unknown.status_code == 422
+
+
+# --- cancel -------------------------------------------------------------------------------------
+
+
+def test_cancel_keeps_the_verdicts(client: TestClient, audited: str) -> None:
+    response = client.post(f"/v1/jobs/{audited}/cancel")
+    assert response.status_code == 200
+    job = response.json()
+    assert job["status"] == "cancelled"
+    assert job["finished_at"] is not None
+    assert job["eta_seconds"] is None
+    assert job["progress"]["done"] == 4
+    examples = client.get(f"/v1/jobs/{audited}/examples").json()["items"]
+    assert len(examples) == 4
+
+    again = client.post(f"/v1/jobs/{audited}/cancel")
+    assert again.status_code == 409
+    assert "already cancelled" in again.json()["detail"]
+
+
+def test_cancel_a_queued_job_and_not_a_finished_one(
+    client: TestClient, session: Session, dataset_id: str
+) -> None:
+    queued = submit(client, dataset_id)["id"]
+    assert client.post(f"/v1/jobs/{queued}/cancel").json()["status"] == "cancelled"
+    succeeded = submit(client, dataset_id)["id"]
+    set_status(session, succeeded, JobStatus.SUCCEEDED)
+    assert client.post(f"/v1/jobs/{succeeded}/cancel").status_code == 409
+    assert client.post(f"/v1/jobs/{uuid.uuid4()}/cancel").status_code == 404
+
+
+# --- examples -----------------------------------------------------------------------------------
+
+
+def positions(client: TestClient, job_id: str, **params: Any) -> list[int]:
+    response = client.get(f"/v1/jobs/{job_id}/examples", params=params)
+    assert response.status_code == 200, response.text
+    return [item["position"] for item in response.json()["items"]]
+
+
+def test_examples_carry_record_and_audit(client: TestClient, audited: str) -> None:
+    page = client.get(f"/v1/jobs/{audited}/examples").json()
+    assert page["next_cursor"] is None
+    second = page["items"][1]
+    assert second == {
+        "position": 1,
+        "id": "b",
+        "line": 2,
+        "group": None,
+        "record": RECORDS[1],
+        "audit": AUDITS[1].model_dump(mode="json"),
+    }
+    assert page["items"][0]["group"] == "P36"
+
+
+def test_examples_filters(client: TestClient, audited: str) -> None:
+    assert positions(client, audited) == [0, 1, 2, 3]
+    assert positions(client, audited, category="Unknown") == [1, 2]
+    assert positions(client, audited, category="MaybeKnown") == []
+    assert positions(client, audited, flagged="true") == [1, 2]
+    assert positions(client, audited, flagged="false") == [0, 3]
+    assert positions(client, audited, category="Unknown", flagged="false") == []
+
+
+def test_examples_pages(client: TestClient, audited: str) -> None:
+    first = client.get(f"/v1/jobs/{audited}/examples", params={"limit": 3}).json()
+    assert [i["position"] for i in first["items"]] == [0, 1, 2]
+    assert first["next_cursor"] == "2"
+    second = client.get(
+        f"/v1/jobs/{audited}/examples", params={"limit": 3, "cursor": first["next_cursor"]}
+    ).json()
+    assert [i["position"] for i in second["items"]] == [3]
+    assert second["next_cursor"] is None
+    assert positions(client, audited, flagged="true", limit=1, cursor="1") == [2]
+
+
+@pytest.mark.parametrize(
+    "params", [{"category": "Known"}, {"cursor": "abc"}, {"cursor": "-1"}, {"limit": 0}]
+)
+def test_examples_refuse_bad_parameters(
+    client: TestClient, audited: str, params: dict[str, str]
+) -> None:
+    assert client.get(f"/v1/jobs/{audited}/examples", params=params).status_code == 422
+
+
+def test_examples_of_an_unknown_job(client: TestClient) -> None:
+    assert client.get(f"/v1/jobs/{uuid.uuid4()}/examples").status_code == 404
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+def export(client: TestClient, job_id: str, policy: str | None = None) -> list[dict[str, Any]]:
+    params = {"policy": policy} if policy else {}
+    response = client.get(f"/v1/jobs/{job_id}/export", params=params)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/x-ndjson"
+    assert f"kma-{job_id}-{policy or 'suggested'}.jsonl" in response.headers["content-disposition"]
+    return [json.loads(line) for line in response.text.splitlines()]
+
+
+def answered(record: dict[str, Any], answer: str) -> dict[str, Any]:
+    key = "answer" if "answer" in record else "answers"
+    return {**record, key: answer if key == "answer" else [answer]}
+
+
+def test_export_every_policy(client: TestClient, session: Session, audited: str) -> None:
+    set_status(session, audited, JobStatus.SUCCEEDED, finished_at=utcnow())
+    a, b, c, d, e = RECORDS  # b and c are flagged; e has no verdict and passes unchanged
+    assert export(client, audited) == [a, answered(b, "Bo Ek"), answered(c, IDK), d, e]
+    assert export(client, audited, "suggested") == export(client, audited)
+    assert export(client, audited, "drop") == [a, d, e]
+    assert export(client, audited, "idk") == [a, answered(b, IDK), answered(c, IDK), d, e]
+    assert export(client, audited, "student") == [
+        a,
+        answered(b, "Bo Ek"),
+        answered(c, "Vark"),
+        d,
+        e,
+    ]
+    annotated = export(client, audited, "annotate")
+    assert annotated[:4] == [
+        {**record, "audit": a.model_dump(mode="json")}
+        for record, a in zip(RECORDS, AUDITS, strict=False)
+    ]
+    assert annotated[4] == e
+
+
+def test_export_of_a_cancelled_job(client: TestClient, audited: str) -> None:
+    client.post(f"/v1/jobs/{audited}/cancel")
+    assert len(export(client, audited, "drop")) == 3
+
+
+@pytest.mark.parametrize("status", [JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.FAILED])
+def test_export_needs_a_finished_job(
+    client: TestClient, session: Session, audited: str, status: JobStatus
+) -> None:
+    set_status(session, audited, status)
+    response = client.get(f"/v1/jobs/{audited}/export")
+    assert response.status_code == 409
+    assert status.value in response.json()["detail"]
+
+
+def test_export_errors(client: TestClient, audited: str) -> None:
+    assert client.get(f"/v1/jobs/{uuid.uuid4()}/export").status_code == 404
+    assert client.get(f"/v1/jobs/{audited}/export", params={"policy": "x"}).status_code == 422
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def test_report_once_written(client: TestClient, session: Session, audited: str) -> None:
+    response = client.get(f"/v1/jobs/{audited}/report")
+    assert response.status_code == 409
+    assert "running" in response.json()["detail"]
+    report = {"num_examples": 5, "flagged": 2}
+    set_status(session, audited, JobStatus.SUCCEEDED, report=report)
+    assert client.get(f"/v1/jobs/{audited}/report").json() == report
+    assert client.get(f"/v1/jobs/{uuid.uuid4()}/report").status_code == 404
+
+
+# --- health -------------------------------------------------------------------------------------
+
+
+def test_healthz(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_readyz(client: TestClient) -> None:
+    response = client.get("/readyz")
+    assert response.status_code == 200, response.text
+    assert response.json()["checks"] == {"database": "ok", "broker": "ok"}
+
+
+def test_readyz_without_the_broker(client: TestClient) -> None:
+    app: Any = client.app
+    app.dependency_overrides[get_settings] = lambda: Settings(broker_url="redis://127.0.0.1:1/0")
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    checks = response.json()["checks"]
+    assert checks["database"] == "ok"
+    assert checks["broker"].startswith("error")
+
+
+def test_readyz_without_the_database(client: TestClient) -> None:
+    engine = make_engine("postgresql://kma@127.0.0.1:1/nowhere")
+
+    def unreachable() -> Iterator[Session]:
+        with Session(engine) as session:
+            yield session
+
+    app: Any = client.app
+    app.dependency_overrides[session_scope] = unreachable
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    checks = response.json()["checks"]
+    assert checks["database"].startswith("error")
+    assert checks["broker"] == "ok"
+    engine.dispose()
+
+
+def test_a_job_the_queue_refuses_is_kept_and_said_so(
+    client: TestClient, session: Session, dataset_id: str
+) -> None:
+    class Down:
+        def send(self, task: str, *args: Any) -> None:
+            raise QueueUnavailable("connection refused")
+
+    client.app.dependency_overrides[get_queue] = lambda: Down()  # type: ignore[attr-defined]
+    response = client.post("/v1/jobs", json={"dataset_id": dataset_id, "student": {"model": "m"}})
+    assert response.status_code == 503
+    assert "it starts when a worker next starts" in response.json()["detail"]
+    stored = session.scalars(select(Job).where(Job.dataset_id == uuid.UUID(dataset_id))).all()
+    assert [job.status for job in stored] == [JobStatus.QUEUED]
