@@ -1,0 +1,166 @@
+"""The service through real processes: `kma serve` on the embedded default, and a worker
+killed with SIGKILL in the middle of a job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+
+from app.client import Client
+from workers.cli import free_port, wait_until_ready
+from workers.tiny_student import write_dataset
+
+pytestmark = pytest.mark.slow
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", *args], env=env, stdout=out, stderr=out
+        )
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def clean_env(**values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KMA_")}
+    return {**env, **values}
+
+
+def read_export(client: Client, job_id: str, policy: str, tmp: Path) -> list[dict[str, Any]]:
+    path = tmp / f"{policy}.jsonl"
+    client.download(job_id, path, policy=policy)
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`kma serve` with no configuration: embedded PostgreSQL and Redis under KMA_DATA_DIR."""
+    data_dir = tmp_path_factory.mktemp("kma-data")
+    port = free_port()
+    server = start(
+        ["serve", "--port", str(port)], clean_env(KMA_DATA_DIR=str(data_dir)), data_dir / "log"
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, server, timeout=180)
+        yield url
+    finally:
+        stop(server)
+        print((data_dir / "log").read_text()[-3000:])
+
+
+def test_serve_audits_over_http(served: str, student_dir: Path, tmp_path: Path) -> None:
+    client = Client(served)
+    path = tmp_path / "teacher.jsonl"
+    facts = write_dataset(path, n_trained=30, n_unseen=20, seed=1)
+    dataset = client.upload_dataset(path)
+    assert dataset["num_examples"] == 50
+    student = {"model": str(student_dir), "engine": "hf"}
+    job = client.wait(client.create_job(dataset["id"], student)["id"], timeout=600)
+    assert job["status"] == "succeeded", job
+    assert job["progress"]["done"] == 50
+
+    seen = {f.id: trained for f, trained in facts}
+    annotated = read_export(client, job["id"], "annotate", tmp_path)
+    assert [r["id"] for r in annotated] == [f.id for f, _ in facts]
+    flagged = {r["id"] for r in annotated if r["audit"]["flagged"]}
+    unseen_flagged = sum(not seen[i] for i in flagged) / 20
+    trained_kept = sum(seen[r["id"]] and r["id"] not in flagged for r in annotated) / 30
+    assert unseen_flagged >= 0.95 and trained_kept >= 0.95, (unseen_flagged, trained_kept)
+
+    uploaded = [json.loads(line) for line in path.read_text().splitlines()]
+    dropped = read_export(client, job["id"], "drop", tmp_path)
+    assert dropped == [r for r in uploaded if r["id"] not in flagged]
+    by_id = {r["id"]: r["audit"] for r in annotated}
+    idk = read_export(client, job["id"], "idk", tmp_path)
+    student_answers = read_export(client, job["id"], "student", tmp_path)
+    suggested = read_export(client, job["id"], "suggested", tmp_path)
+    for row, i, s, g in zip(uploaded, idk, student_answers, suggested, strict=True):
+        audit = by_id[row["id"]]
+        if audit["flagged"]:
+            assert i == {**row, "answer": "I don't know."}
+            assert s == {**row, "answer": audit["student_answer"] or "I don't know."}
+            assert g == {**row, "answer": audit["suggested_answer"]}
+        else:
+            assert i == s == g == row
+
+    report = client.report(job["id"])
+    assert report["flagged"] == len(flagged)
+    assert report["generations"] > 0
+
+    again = client.wait(client.create_job(dataset["id"], student)["id"], timeout=600)
+    assert again["status"] == "succeeded"
+    second = client.report(again["id"])
+    assert second["generations"] == 0
+    assert second["generations_cached"] == report["generations_used"]
+    assert second["categories"] == report["categories"]
+
+
+def test_a_worker_killed_mid_job_loses_nothing(
+    database_url: str, broker_url: str, student_dir: Path, tmp_path: Path
+) -> None:
+    redis.Redis.from_url(broker_url.replace("redis+socket://", "unix://")).flushdb()
+    env = clean_env(
+        KMA_DATABASE_URL=database_url,
+        KMA_BROKER_URL=broker_url,
+        KMA_CHUNK_SIZE="4",
+        KMA_TASK_VISIBILITY_TIMEOUT="5",
+        KMA_DATA_DIR=str(tmp_path),
+    )
+    port = free_port()
+    api = start(["api", "--host", "127.0.0.1", "--port", str(port)], env, tmp_path / "api.log")
+    worker = start(["worker", "--hostname", "first@%h"], env, tmp_path / "worker1.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, api, timeout=60)
+        client = Client(url)
+        path = tmp_path / "teacher.jsonl"
+        write_dataset(path, n_trained=24, n_unseen=16, seed=2)
+        dataset = client.upload_dataset(path)
+        job_id = client.create_job(
+            dataset["id"], {"model": str(student_dir), "engine": "hf"}, config={"mode": "full"}
+        )["id"]
+
+        deadline = time.monotonic() + 300
+        while client.get_job(job_id)["progress"]["done"] < 8:
+            assert time.monotonic() < deadline, "the worker made no progress"
+            time.sleep(0.2)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        killed_at = client.get_job(job_id)["progress"]["done"]
+        assert killed_at < 40, "the job finished before the worker was killed"
+
+        worker = start(["worker", "--hostname", "second@%h"], env, tmp_path / "worker2.log")
+        job = client.wait(job_id, timeout=600)
+        assert job["status"] == "succeeded", job
+        assert job["progress"]["done"] == 40
+    finally:
+        stop(worker)
+        stop(api)
+
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT count(*), count(DISTINCT position), min(position), max(position)"
+            " FROM verdict WHERE job_id = %s",
+            (job_id,),
+        ).fetchone()
+    assert rows == (40, 40, 0, 39)
