@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
@@ -73,6 +74,23 @@ def session(db_engine: Engine) -> Iterator[Session]:
         with Session(bind=connection, join_transaction_mode="create_savepoint") as session:
             yield session
         transaction.rollback()
+
+
+@pytest.fixture
+def api(session: Session) -> Iterator[FastAPI]:
+    """The app, its requests running in the test's `session`; tests add their own overrides."""
+    from app.db import session_scope
+    from app.main import create_app
+
+    def request_session() -> Iterator[Session]:
+        try:
+            yield session
+        finally:
+            session.rollback()  # what closing a request's session does to what it did not commit
+
+    app = create_app()
+    app.dependency_overrides[session_scope] = request_session
+    yield app
 
 
 @pytest.fixture(scope="session")

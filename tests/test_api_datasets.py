@@ -8,13 +8,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.datasets import router as datasets_router
-from app.db import session_scope
-from app.main import create_app
 from app.models import Dataset, Example
 from app.settings import Settings, get_settings
 from tests.conftest import SHARED_DATA
@@ -23,17 +22,9 @@ MAX_ERRORS = 3
 
 
 @pytest.fixture
-def client(session: Session) -> Iterator[TestClient]:
-    def request_session() -> Iterator[Session]:
-        try:
-            yield session
-        finally:
-            session.rollback()  # what closing a request's session does to what it did not commit
-
-    app = create_app()
-    app.dependency_overrides[session_scope] = request_session
-    app.dependency_overrides[get_settings] = lambda: Settings(max_upload_errors=MAX_ERRORS)
-    with TestClient(app) as client:
+def client(api: FastAPI) -> Iterator[TestClient]:
+    api.dependency_overrides[get_settings] = lambda: Settings(max_upload_errors=MAX_ERRORS)
+    with TestClient(api) as client:
         yield client
 
 

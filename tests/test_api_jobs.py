@@ -9,13 +9,13 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.audit.schemas import Audit, Category, SuggestedAction
 from app.db import make_engine, session_scope
-from app.main import create_app
 from app.models import Chunk, Job, JobStatus, Verdict, utcnow
 from app.queue import PLAN_JOB, QueueUnavailable, get_queue
 from app.settings import Settings, get_settings
@@ -46,18 +46,10 @@ def events() -> list[Any]:
 
 
 @pytest.fixture
-def client(session: Session, events: list[Any], broker_url: str) -> Iterator[TestClient]:
-    def request_session() -> Iterator[Session]:
-        try:
-            yield session
-        finally:
-            session.rollback()  # what closing a request's session does to what it did not commit
-
-    app = create_app()
-    app.dependency_overrides[session_scope] = request_session
-    app.dependency_overrides[get_queue] = lambda: Recorder(events)
-    app.dependency_overrides[get_settings] = lambda: Settings(broker_url=broker_url)
-    with TestClient(app) as client:
+def client(api: FastAPI, events: list[Any], broker_url: str) -> Iterator[TestClient]:
+    api.dependency_overrides[get_queue] = lambda: Recorder(events)
+    api.dependency_overrides[get_settings] = lambda: Settings(broker_url=broker_url)
+    with TestClient(api) as client:
         yield client
 
 
