@@ -29,6 +29,10 @@ class Settings(BaseSettings):
         description="Seconds before a task taken by a worker that died is handed out again.",
     )
     webhook_secret: str = Field("", description="Signs webhook bodies (HMAC-SHA256).")
+    webhook_attempts: int = Field(8, ge=1, description="Deliveries tried before giving up.")
+    webhook_backoff_seconds: float = Field(
+        2.0, gt=0, description="First wait between deliveries; it doubles each time, to 300 s."
+    )
     max_upload_errors: int = Field(50, ge=1, description="Invalid lines listed in a 422.")
 
 

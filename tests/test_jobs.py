@@ -66,7 +66,7 @@ def run_all(session: Session, job: Job, engine: FakeEngine, queue: Recorder) -> 
     jobs.plan_job(session, job.id, queue, chunk_size=4)
     for task, (job_id, index) in list(queue.sent):
         assert task == RUN_CHUNK
-        jobs.run_chunk(session, uuid.UUID(job_id), index, lambda student: engine)
+        jobs.run_chunk(session, uuid.UUID(job_id), index, lambda student: engine, queue)
 
 
 def count(session: Session, model: type[Any], job_id: uuid.UUID) -> int:
@@ -116,11 +116,11 @@ def test_a_chunk_run_twice_writes_each_verdict_once(session: Session, engine: Fa
     job = make_job(session, 8)
     queue = Recorder()
     jobs.plan_job(session, job.id, queue, chunk_size=4)
-    jobs.run_chunk(session, job.id, 0, lambda s: engine)
+    jobs.run_chunk(session, job.id, 0, lambda s: engine, Recorder())
     # The worker died after committing but before acknowledging: the chunk comes again.
-    jobs.run_chunk(session, job.id, 0, lambda s: engine)
+    jobs.run_chunk(session, job.id, 0, lambda s: engine, Recorder())
     assert count(session, Verdict, job.id) == 4
-    jobs.run_chunk(session, job.id, 1, lambda s: engine)
+    jobs.run_chunk(session, job.id, 1, lambda s: engine, Recorder())
     session.refresh(job)
     assert job.status == JobStatus.SUCCEEDED
     assert count(session, Verdict, job.id) == 8
@@ -130,7 +130,7 @@ def test_a_plan_run_twice_resends_pending_chunks_only(session: Session, engine: 
     job = make_job(session, 8)
     queue = Recorder()
     jobs.plan_job(session, job.id, queue, chunk_size=4)
-    jobs.run_chunk(session, job.id, 0, lambda s: engine)
+    jobs.run_chunk(session, job.id, 0, lambda s: engine, Recorder())
     again = Recorder()
     jobs.plan_job(session, job.id, again, chunk_size=4)
     assert [args for _, args in again.sent] == [(str(job.id), 1)]
@@ -140,11 +140,11 @@ def test_a_plan_run_twice_resends_pending_chunks_only(session: Session, engine: 
 def test_a_cancelled_job_runs_no_more_chunks(session: Session, engine: FakeEngine) -> None:
     job = make_job(session, 8)
     jobs.plan_job(session, job.id, Recorder(), chunk_size=4)
-    jobs.run_chunk(session, job.id, 0, lambda s: engine)
+    jobs.run_chunk(session, job.id, 0, lambda s: engine, Recorder())
     job.status = JobStatus.CANCELLED
     session.commit()
     calls = len(engine.calls)
-    jobs.run_chunk(session, job.id, 1, lambda s: engine)
+    jobs.run_chunk(session, job.id, 1, lambda s: engine, Recorder())
     assert len(engine.calls) == calls
     assert count(session, Verdict, job.id) == 4
     session.refresh(job)
@@ -159,8 +159,8 @@ def test_an_engine_error_fails_the_job(session: Session) -> None:
         raise OSError("no such model: fake")
 
     with pytest.raises(OSError):
-        jobs.run_chunk(session, job.id, 0, broken)
-    jobs.fail_job(session, job.id, "chunk 0 failed: no such model: fake")
+        jobs.run_chunk(session, job.id, 0, broken, Recorder())
+    jobs.fail_job(session, job.id, "chunk 0 failed: no such model: fake", Recorder())
     session.refresh(job)
     assert job.status == JobStatus.FAILED
     assert job.error == "chunk 0 failed: no such model: fake"

@@ -3,21 +3,26 @@ killed with SIGKILL in the middle of a job."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 import pytest
 import redis
 
 from app.client import Client
+from app.webhooks import SIGNATURE_HEADER, verify
 from workers.cli import free_port, wait_until_ready
 from workers.tiny_student import write_dataset
 
@@ -45,6 +50,34 @@ def clean_env(**values: str) -> dict[str, str]:
     return {**env, **values}
 
 
+WEBHOOK_SECRET = "s3cret"
+
+
+class Receiver(BaseHTTPRequestHandler):
+    """A webhook endpoint that fails its first delivery, so kma has to retry."""
+
+    deliveries: ClassVar[list[tuple[bytes, str]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.deliveries.append((body, self.headers[SIGNATURE_HEADER]))
+        self.send_response(500 if len(self.deliveries) == 1 else 204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[str, list[tuple[bytes, str]]]]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    Receiver.deliveries = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/hook", Receiver.deliveries
+    server.shutdown()
+
+
 def read_export(client: Client, job_id: str, policy: str, tmp: Path) -> list[dict[str, Any]]:
     path = tmp / f"{policy}.jsonl"
     client.download(job_id, path, policy=policy)
@@ -56,9 +89,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`kma serve` with no configuration: embedded PostgreSQL and Redis under KMA_DATA_DIR."""
     data_dir = tmp_path_factory.mktemp("kma-data")
     port = free_port()
-    server = start(
-        ["serve", "--port", str(port)], clean_env(KMA_DATA_DIR=str(data_dir)), data_dir / "log"
+    env = clean_env(
+        KMA_DATA_DIR=str(data_dir),
+        KMA_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        KMA_WEBHOOK_BACKOFF_SECONDS="0.5",
     )
+    server = start(["serve", "--port", str(port)], env, data_dir / "log")
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(url, server, timeout=180)
@@ -68,16 +104,33 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         print((data_dir / "log").read_text()[-3000:])
 
 
-def test_serve_audits_over_http(served: str, student_dir: Path, tmp_path: Path) -> None:
+def test_serve_audits_over_http(
+    served: str,
+    student_dir: Path,
+    tmp_path: Path,
+    receiver: tuple[str, list[tuple[bytes, str]]],
+) -> None:
     client = Client(served)
     path = tmp_path / "teacher.jsonl"
     facts = write_dataset(path, n_trained=30, n_unseen=20, seed=1)
     dataset = client.upload_dataset(path)
     assert dataset["num_examples"] == 50
     student = {"model": str(student_dir), "engine": "hf"}
-    job = client.wait(client.create_job(dataset["id"], student)["id"], timeout=600)
+    hook_url, deliveries = receiver
+    job = client.create_job(dataset["id"], student, webhook_url=hook_url)
+    job = client.wait(job["id"], timeout=600)
     assert job["status"] == "succeeded", job
     assert job["progress"]["done"] == 50
+
+    deadline = time.monotonic() + 30
+    while len(deliveries) < 2:  # the first delivery was answered 500: kma tries again
+        assert time.monotonic() < deadline, f"{len(deliveries)} webhook deliveries"
+        time.sleep(0.2)
+    for body, signature in deliveries:
+        assert verify(body, signature, WEBHOOK_SECRET)
+        assert signature == "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+    delivered = json.loads(deliveries[-1][0])
+    assert (delivered["id"], delivered["status"]) == (job["id"], "succeeded")
 
     seen = {f.id: trained for f, trained in facts}
     annotated = read_export(client, job["id"], "annotate", tmp_path)

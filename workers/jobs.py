@@ -24,9 +24,9 @@ from app.audit.domain import (
 )
 from app.audit.schemas import Audit, AuditConfig
 from app.datasets.domain import Example, parse_qa
-from app.models import ChunkStatus, JobStatus, utcnow
+from app.models import ChunkStatus, Job, JobStatus, utcnow
 from app.models import Example as ExampleRow
-from app.queue import RUN_CHUNK, Queue
+from app.queue import RUN_CHUNK, SEND_WEBHOOK, Queue
 from workers.engines.base import Engine
 from workers.engines.cached import CachedEngine
 from workers.runner import audit_batch
@@ -61,7 +61,9 @@ def plan_job(session: Session, job_id: uuid.UUID, queue: Queue, chunk_size: int)
         queue.send(RUN_CHUNK, str(job_id), index)
 
 
-def run_chunk(session: Session, job_id: uuid.UUID, index: int, engine_for: EngineFactory) -> None:
+def run_chunk(
+    session: Session, job_id: uuid.UUID, index: int, engine_for: EngineFactory, queue: Queue
+) -> None:
     """Audit one chunk and upsert its verdicts; the last chunk to finish finalizes the job."""
     job = repository.lock_job(session, job_id)
     chunk = repository.get_chunk(session, job_id, index)
@@ -69,7 +71,7 @@ def run_chunk(session: Session, job_id: uuid.UUID, index: int, engine_for: Engin
         return
     if chunk.status == ChunkStatus.DONE:
         session.rollback()
-        finalize_job(session, job_id)
+        finalize_job(session, job_id, queue)
         return
     chunk.attempts += 1
     config = AuditConfig.model_validate(job.config)
@@ -104,10 +106,10 @@ def run_chunk(session: Session, job_id: uuid.UUID, index: int, engine_for: Engin
     chunk.seconds = time.monotonic() - started
     chunk.finished_at = utcnow()
     session.commit()
-    finalize_job(session, job_id)
+    finalize_job(session, job_id, queue)
 
 
-def finalize_job(session: Session, job_id: uuid.UUID) -> None:
+def finalize_job(session: Session, job_id: uuid.UUID, queue: Queue) -> None:
     """Write the report and mark the job succeeded, once every chunk is done."""
     job = repository.lock_job(session, job_id)
     if job is None or job.status != JobStatus.RUNNING or repository.pending_chunks(session, job_id):
@@ -132,9 +134,18 @@ def finalize_job(session: Session, job_id: uuid.UUID) -> None:
     }
     session.commit()
     log.info("job %s succeeded: %s examples", job_id, len(verdicts))
+    notify(job, queue)
 
 
-def fail_job(session: Session, job_id: uuid.UUID, error: str) -> None:
+def fail_job(session: Session, job_id: uuid.UUID, error: str, queue: Queue) -> None:
     session.rollback()
-    repository.mark_failed(session, job_id, error)
+    job = repository.mark_failed(session, job_id, error)
     session.commit()
+    if job is not None:
+        notify(job, queue)
+
+
+def notify(job: Job, queue: Queue) -> None:
+    """Enqueue the job's webhook, if it has one; call after the commit that finished it."""
+    if job.webhook_url:
+        queue.send(SEND_WEBHOOK, str(job.id))

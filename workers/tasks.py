@@ -9,12 +9,15 @@ import logging
 import uuid
 from typing import Any
 
+import httpx
 from celery.signals import worker_ready
 
 from app.audit import repository
 from app.db import get_sessionmaker
-from app.queue import PLAN_JOB, RUN_CHUNK, get_queue, make_celery
+from app.jobs import service as jobs_service
+from app.queue import PLAN_JOB, RUN_CHUNK, SEND_WEBHOOK, get_queue, make_celery
 from app.settings import get_settings
+from app.webhooks import SIGNATURE_HEADER, sign
 from workers import jobs
 from workers.engines import load_engine
 from workers.engines.base import Engine
@@ -51,14 +54,48 @@ def plan_job(job_id: str) -> None:
             jobs.plan_job(session, uuid.UUID(job_id), get_queue(), get_settings().chunk_size)
         except Exception as exc:
             log.exception("planning job %s failed", job_id)
-            jobs.fail_job(session, uuid.UUID(job_id), f"planning failed: {exc}")
+            jobs.fail_job(session, uuid.UUID(job_id), f"planning failed: {exc}", get_queue())
 
 
 @celery.task(name=RUN_CHUNK)
 def run_chunk(job_id: str, index: int) -> None:
     with get_sessionmaker()() as session:
         try:
-            jobs.run_chunk(session, uuid.UUID(job_id), index, engine_for)
+            jobs.run_chunk(session, uuid.UUID(job_id), index, engine_for, get_queue())
         except Exception as exc:
             log.exception("chunk %s of job %s failed", index, job_id)
-            jobs.fail_job(session, uuid.UUID(job_id), f"chunk {index} failed: {exc}")
+            jobs.fail_job(session, uuid.UUID(job_id), f"chunk {index} failed: {exc}", get_queue())
+
+
+@celery.task(name=SEND_WEBHOOK, bind=True, acks_late=False)
+def send_webhook(task: Any, job_id: str) -> None:
+    """POST the job's JSON to its webhook, signed; retried with doubling waits."""
+    settings = get_settings()
+    with get_sessionmaker()() as session:
+        job = jobs_service.get_job(session, uuid.UUID(job_id))
+    if not job.webhook_url:
+        return
+    try:
+        deliver_webhook(job.webhook_url, job.model_dump_json().encode(), settings.webhook_secret)
+    except httpx.HTTPError as exc:
+        if task.request.retries + 1 >= settings.webhook_attempts:
+            log.error(
+                "webhook of job %s gave up after %s attempts: %s",
+                job_id,
+                settings.webhook_attempts,
+                exc,
+            )
+            return
+        wait = min(settings.webhook_backoff_seconds * 2**task.request.retries, 300)
+        log.warning("webhook of job %s failed (%s); again in %.0f s", job_id, exc, wait)
+        raise task.retry(countdown=wait, max_retries=settings.webhook_attempts) from exc
+
+
+def deliver_webhook(url: str, body: bytes, secret: str) -> None:
+    response = httpx.post(
+        url,
+        content=body,
+        headers={"Content-Type": "application/json", SIGNATURE_HEADER: sign(body, secret)},
+        timeout=10,
+    )
+    response.raise_for_status()

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -100,12 +100,13 @@ def generation_counts(session: Session, job_id: uuid.UUID) -> tuple[int, int]:
     return int(new), int(cached)
 
 
-def mark_failed(session: Session, job_id: uuid.UUID, error: str) -> None:
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
-        .values(status=JobStatus.FAILED, error=error, finished_at=utcnow())
-    )
+def mark_failed(session: Session, job_id: uuid.UUID, error: str) -> Job | None:
+    """Fail the job unless it already finished; returns it when this call failed it."""
+    job = lock_job(session, job_id)
+    if job is None or job.status.finished:
+        return None
+    job.status, job.error, job.finished_at = JobStatus.FAILED, error, utcnow()
+    return job
 
 
 class SqlGenerationStore:

@@ -15,7 +15,7 @@ from app.errors import NOT_FOUND, ErrorRead, Responses, ServiceUnavailable
 from app.jobs import service
 from app.jobs.schemas import ExamplePage, JobCreate, JobPage, JobRead
 from app.models import JobStatus
-from app.queue import PLAN_JOB, QueueUnavailable
+from app.queue import PLAN_JOB, SEND_WEBHOOK, QueueUnavailable
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -71,10 +71,12 @@ def get_job(session: SessionDep, job_id: uuid.UUID) -> JobRead:
     summary="Cancel a job",
     responses={**NOT_FOUND, **conflict("The job has already finished.")},
 )
-def cancel_job(session: SessionDep, job_id: uuid.UUID) -> JobRead:
+def cancel_job(session: SessionDep, queue: QueueDep, job_id: uuid.UUID) -> JobRead:
     """Stop a queued or running job. The verdicts written so far stay readable and exportable."""
     job = service.cancel_job(session, job_id)
     session.commit()
+    if job.webhook_url:
+        queue.send(SEND_WEBHOOK, str(job.id))
     return job
 
 
