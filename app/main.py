@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import re
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from importlib.metadata import version
 
 import kombu
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 from app.datasets.domain import DatasetError
@@ -15,6 +18,8 @@ from app.datasets.router import router as datasets_router
 from app.deps import SessionDep, SettingsDep
 from app.errors import HTTPError
 from app.jobs.router import router as jobs_router
+from app.logs import job_logging
+from app.metrics import router as metrics_router
 
 DESCRIPTION = """
 Audit a teacher-written QA dataset against a student model before distilling into it.
@@ -22,6 +27,8 @@ Audit a teacher-written QA dataset against a student model before distilling int
 Upload the dataset, submit a job naming the student, poll the job, then download the dataset
 with the answers the student does not know relabelled or dropped.
 """
+
+log = logging.getLogger(__name__)
 
 health = APIRouter(tags=["health"])
 
@@ -59,6 +66,7 @@ def readyz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
 
 def http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPError)
+    log.info("%s %s answered %s: %s", request.method, request.url.path, exc.status_code, exc.detail)
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
 
@@ -90,7 +98,23 @@ def create_app() -> FastAPI:
     app.include_router(datasets_router, prefix="/v1")
     app.include_router(jobs_router, prefix="/v1")
     app.include_router(health)
+    app.include_router(metrics_router)
+    app.middleware("http")(tag_job_logs)
     return app
+
+
+JOB_PATH = re.compile(r"^/v1/jobs/([0-9a-fA-F-]{36})")
+
+
+async def tag_job_logs(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    """Requests about a job log with its id."""
+    match = JOB_PATH.match(request.url.path)
+    if match is None:
+        return await call_next(request)
+    with job_logging(match.group(1)):
+        return await call_next(request)
 
 
 app = create_app()

@@ -119,6 +119,8 @@ class Chunk(Base):
     generations: Mapped[int] = mapped_column(BigInteger, default=0)
     """Completions the engine made for this chunk; cache hits are counted apart."""
     cached_generations: Mapped[int] = mapped_column(BigInteger, default=0)
+    engine_calls: Mapped[int] = mapped_column(Integer, default=0)
+    engine_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     seconds: Mapped[float | None] = mapped_column(Float)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

@@ -6,6 +6,7 @@ size. The rules (what to draw, how to judge) are the pure ones in `app.audit.dom
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -21,7 +22,12 @@ from app.audit.domain import (
 )
 from app.audit.schemas import AuditConfig
 from app.datasets.domain import Example
-from workers.engines.base import Engine, GenerationRequest, SamplingOptions
+from workers.engines.base import (
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    SamplingOptions,
+)
 
 
 @dataclass
@@ -29,6 +35,7 @@ class RunStats:
     greedy_generations: int = 0
     sampled_generations: int = 0
     engine_calls: int = 0
+    engine_seconds: float = 0.0
     steps: list[int] = field(default_factory=list)
     """Requests sent at each step (greedy, then each sampling round)."""
 
@@ -36,7 +43,17 @@ class RunStats:
         self.greedy_generations += other.greedy_generations
         self.sampled_generations += other.sampled_generations
         self.engine_calls += other.engine_calls
+        self.engine_seconds += other.engine_seconds
         self.steps += other.steps
+
+    def call(self, engine: Engine, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """One engine call, timed and counted."""
+        started = time.perf_counter()
+        results = engine.generate(requests)
+        self.engine_seconds += time.perf_counter() - started
+        self.engine_calls += 1
+        self.steps.append(len(requests))
+        return results
 
 
 @dataclass
@@ -70,9 +87,7 @@ def audit_batch(
     prompts = [build_prompts(ex, sets, config) for ex in examples]
     greedy = greedy_options(config)
     requests = [GenerationRequest(p, greedy) for per_example in prompts for p in per_example]
-    results = iter(engine.generate(requests)) if requests else iter([])
-    stats.engine_calls += bool(requests)
-    stats.steps.append(len(requests))
+    results = iter(stats.call(engine, requests) if requests else [])
     stats.greedy_generations += len(requests)
     tallies = [Tally([clean_answer(next(results).texts[0]) for _ in ps]) for ps in prompts]
 
@@ -90,9 +105,7 @@ def audit_batch(
             for i, more in wanted
             for p in prompts[i]
         ]
-        results = iter(engine.generate(requests))
-        stats.engine_calls += 1
-        stats.steps.append(len(requests))
+        results = iter(stats.call(engine, requests))
         for i, more in wanted:
             for row in tallies[i].samples:
                 texts = next(results).texts

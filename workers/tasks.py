@@ -15,6 +15,7 @@ from celery.signals import worker_ready
 from app.audit import repository
 from app.db import get_sessionmaker
 from app.jobs import service as jobs_service
+from app.logs import job_logging
 from app.queue import PLAN_JOB, RUN_CHUNK, SEND_WEBHOOK, get_queue, make_celery
 from app.settings import get_settings
 from app.webhooks import SIGNATURE_HEADER, sign
@@ -49,7 +50,7 @@ def plan_queued_jobs(**_: Any) -> None:
 
 @celery.task(name=PLAN_JOB)
 def plan_job(job_id: str) -> None:
-    with get_sessionmaker()() as session:
+    with job_logging(job_id), get_sessionmaker()() as session:
         try:
             jobs.plan_job(session, uuid.UUID(job_id), get_queue(), get_settings().chunk_size)
         except Exception as exc:
@@ -59,7 +60,7 @@ def plan_job(job_id: str) -> None:
 
 @celery.task(name=RUN_CHUNK)
 def run_chunk(job_id: str, index: int) -> None:
-    with get_sessionmaker()() as session:
+    with job_logging(job_id), get_sessionmaker()() as session:
         try:
             jobs.run_chunk(session, uuid.UUID(job_id), index, engine_for, get_queue())
         except Exception as exc:
@@ -71,24 +72,23 @@ def run_chunk(job_id: str, index: int) -> None:
 def send_webhook(task: Any, job_id: str) -> None:
     """POST the job's JSON to its webhook, signed; retried with doubling waits."""
     settings = get_settings()
-    with get_sessionmaker()() as session:
-        job = jobs_service.get_job(session, uuid.UUID(job_id))
-    if not job.webhook_url:
-        return
-    try:
-        deliver_webhook(job.webhook_url, job.model_dump_json().encode(), settings.webhook_secret)
-    except httpx.HTTPError as exc:
-        if task.request.retries + 1 >= settings.webhook_attempts:
-            log.error(
-                "webhook of job %s gave up after %s attempts: %s",
-                job_id,
-                settings.webhook_attempts,
-                exc,
-            )
+    with job_logging(job_id):
+        with get_sessionmaker()() as session:
+            job = jobs_service.get_job(session, uuid.UUID(job_id))
+        if not job.webhook_url:
             return
-        wait = min(settings.webhook_backoff_seconds * 2**task.request.retries, 300)
-        log.warning("webhook of job %s failed (%s); again in %.0f s", job_id, exc, wait)
-        raise task.retry(countdown=wait, max_retries=settings.webhook_attempts) from exc
+        try:
+            body = job.model_dump_json().encode()
+            deliver_webhook(job.webhook_url, body, settings.webhook_secret)
+            log.info("webhook delivered to %s", job.webhook_url)
+        except httpx.HTTPError as exc:
+            attempt = task.request.retries + 1
+            if attempt >= settings.webhook_attempts:
+                log.error("webhook gave up after %s attempts: %s", attempt, exc)
+                return
+            wait = min(settings.webhook_backoff_seconds * 2**task.request.retries, 300)
+            log.warning("webhook attempt %s failed (%s); again in %.1f s", attempt, exc, wait)
+            raise task.retry(countdown=wait, max_retries=settings.webhook_attempts) from exc
 
 
 def deliver_webhook(url: str, body: bytes, secret: str) -> None:

@@ -85,6 +85,8 @@ def upgrade() -> None:
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("generations", sa.BigInteger(), nullable=False),
         sa.Column("cached_generations", sa.BigInteger(), nullable=False),
+        sa.Column("engine_calls", sa.Integer(), nullable=False),
+        sa.Column("engine_seconds", sa.Float(), nullable=False),
         sa.Column("seconds", sa.Float(), nullable=True),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(["job_id"], ["job.id"], ondelete="CASCADE"),
