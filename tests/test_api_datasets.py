@@ -158,7 +158,7 @@ def test_every_invalid_line_counted_beyond_those_listed(
 
 def test_unknown_format_is_refused(client: TestClient, session: Session) -> None:
     before = stored(session)
-    response = upload(client, jsonl({"question": "Q?", "answer": "A"}), format="alpaca")
+    response = upload(client, jsonl({"question": "Q?", "answer": "A"}), format="csv")
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["body", "format"]
     assert stored(session) == before

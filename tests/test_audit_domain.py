@@ -350,12 +350,12 @@ def test_export_policies() -> None:
     flagged = judge(GOLD, Tally(["Zorv"] * 10, [["Zorv"] * 16] * 10), AuditConfig()).audit
     kept = judge(GOLD, Tally(["right"] * 10), AuditConfig()).audit
     idk = "I don't know."
-    assert export_record(raw, kept, "drop", idk) == raw
-    assert export_record(raw, flagged, "drop", idk) is None
-    assert export_record(raw, flagged, "suggested", idk) == {**raw, "answer": "Zorv"}
-    assert export_record(raw, flagged, "idk", idk) == {**raw, "answer": idk}
-    assert export_record(raw, flagged, "student", idk) == {**raw, "answer": "Zorv"}
-    annotated = export_record(raw, flagged, "annotate", idk)
+    assert export_record(raw, kept, "drop", idk, "qa") == raw
+    assert export_record(raw, flagged, "drop", idk, "qa") is None
+    assert export_record(raw, flagged, "suggested", idk, "qa") == {**raw, "answer": "Zorv"}
+    assert export_record(raw, flagged, "idk", idk, "qa") == {**raw, "answer": idk}
+    assert export_record(raw, flagged, "student", idk, "qa") == {**raw, "answer": "Zorv"}
+    annotated = export_record(raw, flagged, "annotate", idk, "qa")
     assert annotated is not None
     assert annotated["answer"] == "right"
     assert set(annotated["audit"]) == {

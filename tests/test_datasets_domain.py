@@ -63,7 +63,10 @@ def test_lines_split_across_chunks() -> None:
         (b'{"question": "a?", "answer": ""}\n', "line 1, field 'answer': must not be empty"),
         (b'{"question": "a?", "answers": []}\n', "line 1, field 'answers': must hold"),
         (b'{"question": "a?", "answers": ["x", 3]}\n', "line 1, field 'answers[1]'"),
-        (b'{"answer": "1"}\n', "line 1, field 'question': must be a string, got nothing"),
+        (
+            b'{"question": "a?", "answer": "1"}\n{"answer": "1"}\n',
+            "line 2, field 'question': must be a string, got nothing",
+        ),
         (b"[1, 2]\n", "line 1: must be a JSON object, got list"),
         (b'{"question": "a\xff?", "answer": "1"}\n', "line 1: not valid UTF-8 (byte 16"),
         (b"", "line 1: the dataset is empty"),
@@ -119,12 +122,12 @@ def test_entityquestions_loads_as_is() -> None:
 
 
 def test_with_answer_replaces_only_the_answer() -> None:
-    assert with_answer({"question": "q", "answer": "a", "x": 1}, "b") == {
+    assert with_answer("qa", {"question": "q", "answer": "a", "x": 1}, "b") == {
         "question": "q",
         "answer": "b",
         "x": 1,
     }
-    assert with_answer({"question": "q", "answers": ["a", "c"]}, "b") == {
+    assert with_answer("qa", {"question": "q", "answers": ["a", "c"]}, "b") == {
         "question": "q",
         "answers": ["b"],
     }

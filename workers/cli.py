@@ -17,7 +17,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.audit.schemas import AuditConfig
-from app.datasets.domain import DatasetError
+from app.datasets.domain import AUTO, RECORD_FORMATS, DatasetError
+from app.logs import configure_logging
 from app.settings import Settings, get_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -56,7 +57,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"kma audit: invalid --config:\n  {message}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        records = read_dataset(Path(args.file))
+        records = read_dataset(Path(args.file), args.format)
     except OSError as exc:
         print(f"kma audit: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
@@ -117,7 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         migrate(database_url)
         worker = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker"])
         try:
-            uvicorn.run("app.main:app", host=args.host, port=args.port, log_level="info")
+            uvicorn.run("app.main:app", host=args.host, port=args.port, log_config=None)
         finally:
             worker.terminate()
             worker.wait(timeout=60)
@@ -127,7 +128,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    uvicorn.run("app.main:app", host=args.host, port=args.port, workers=args.workers)
+    uvicorn.run(
+        "app.main:app", host=args.host, port=args.port, workers=args.workers, log_config=None
+    )
     return EXIT_OK
 
 
@@ -242,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
         "annotated.jsonl, filtered.jsonl and report.json into --out.",
     )
     audit.add_argument("file", help="teacher dataset, JSONL")
+    audit.add_argument(
+        "--format",
+        choices=[AUTO, *RECORD_FORMATS],
+        default=AUTO,
+        help="record format (default: auto, the first record's format, expected on every line);"
+        " the outputs are written in the same format",
+    )
     audit.add_argument("--student", required=True, help="model name or Hugging Face folder")
     audit.add_argument("--revision", help="model revision")
     audit.add_argument("--engine", choices=["auto", "hf", "vllm"], default="auto")
@@ -288,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("serve", "api", "worker", "migrate"):
+        configure_logging(os.environ.get("KMA_LOG_LEVEL", "INFO"))
     code: int = args.run(args)
     return code
 

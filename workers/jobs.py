@@ -23,7 +23,8 @@ from app.audit.domain import (
     summarize,
 )
 from app.audit.schemas import Audit, AuditConfig
-from app.datasets.domain import Example, parse_qa
+from app.datasets import service as datasets_service
+from app.datasets.domain import Example, parse_record
 from app.models import ChunkStatus, Job, JobStatus, utcnow
 from app.models import Example as ExampleRow
 from app.queue import RUN_CHUNK, SEND_WEBHOOK, Queue
@@ -37,8 +38,13 @@ EngineFactory = Callable[[dict[str, Any]], Engine]
 """Gives the engine for a job's `student` spec ({model, engine, revision})."""
 
 
-def to_example(row: ExampleRow) -> Example:
-    return parse_qa(row.raw, row.line)
+def to_example(row: ExampleRow, record_format: str) -> Example:
+    """The example of a stored row, read in its dataset's format."""
+    return parse_record(record_format, row.raw, row.line)
+
+
+def dataset_format(session: Session, dataset_id: uuid.UUID) -> str:
+    return datasets_service.get_dataset(session, dataset_id).format
 
 
 def plan_job(session: Session, job_id: uuid.UUID, queue: Queue, chunk_size: int) -> None:
@@ -48,7 +54,10 @@ def plan_job(session: Session, job_id: uuid.UUID, queue: Queue, chunk_size: int)
         return
     if job.status == JobStatus.QUEUED:
         config = AuditConfig.model_validate(job.config)
-        examples = [to_example(r) for r in repository.iter_examples(session, job.dataset_id)]
+        record_format = dataset_format(session, job.dataset_id)
+        examples = [
+            to_example(r, record_format) for r in repository.iter_examples(session, job.dataset_id)
+        ]
         job.exemplar_sets = exemplar_sets_to_json(draw_exemplar_sets(examples, config))
         repository.add_chunks(session, job.id, len(examples), chunk_size)
         job.status = JobStatus.RUNNING
@@ -76,13 +85,14 @@ def run_chunk(
     chunk.attempts += 1
     config = AuditConfig.model_validate(job.config)
     student, dataset_id = dict(job.student), job.dataset_id
+    record_format = dataset_format(session, dataset_id)
     sets = exemplar_sets_from_json(job.exemplar_sets or {})
     session.commit()  # releases the job row while the chunk runs
 
     started = time.monotonic()
     rows = list(repository.iter_examples(session, dataset_id, chunk.start, chunk.stop))
     engine = CachedEngine(engine_for(student), repository.SqlGenerationStore(session))
-    result = audit_batch([to_example(r) for r in rows], sets, engine, config)
+    result = audit_batch([to_example(r, record_format) for r in rows], sets, engine, config)
     repository.upsert_verdicts(
         session,
         [
@@ -103,6 +113,8 @@ def run_chunk(
     chunk.status = ChunkStatus.DONE
     chunk.generations = engine.new_generations
     chunk.cached_generations = engine.cached_generations
+    chunk.engine_calls = result.stats.engine_calls
+    chunk.engine_seconds = result.stats.engine_seconds
     chunk.seconds = time.monotonic() - started
     chunk.finished_at = utcnow()
     session.commit()
@@ -116,10 +128,11 @@ def finalize_job(session: Session, job_id: uuid.UUID, queue: Queue) -> None:
         session.rollback()
         return
     config = AuditConfig.model_validate(job.config)
+    record_format = dataset_format(session, job.dataset_id)
     examples: list[Example] = []
     verdicts: list[Verdict] = []
     for verdict_row, example_row in repository.iter_verdicts(session, job_id):
-        examples.append(to_example(example_row))
+        examples.append(to_example(example_row, record_format))
         verdicts.append(Verdict(Audit.model_validate(verdict_row.audit), verdict_row.conflict))
     new, cached = repository.generation_counts(session, job_id)
     job.status = JobStatus.SUCCEEDED

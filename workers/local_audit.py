@@ -13,17 +13,17 @@ from typing import Any
 
 from app.audit.domain import draw_exemplar_sets, export_record, summarize
 from app.audit.schemas import AuditConfig
-from app.datasets.domain import Record, load_records
+from app.datasets.domain import AUTO, Record, load_records
 from workers.engines.base import Engine
 from workers.runner import RunStats, audit_batch
 
 OUTPUT_FILES = ("annotated.jsonl", "filtered.jsonl", "report.json")
 
 
-def read_dataset(path: Path) -> list[Record]:
-    """Every record of the file; raises DatasetError naming each bad line."""
+def read_dataset(path: Path, record_format: str = AUTO) -> list[Record]:
+    """Every record of the file, each with its format; raises DatasetError naming each bad line."""
     with path.open("rb") as f:
-        return load_records(iter(lambda: f.read(1 << 20), b""))
+        return load_records(iter(lambda: f.read(1 << 20), b""), record_format)
 
 
 def audit_file(
@@ -70,9 +70,13 @@ def audit_file(
             (staging / "filtered.jsonl").open("w") as filt,
         ):
             for record, verdict in zip(records, verdicts, strict=True):
-                annotated = export_record(record.raw, verdict.audit, "annotate", config.idk_text)
+                annotated = export_record(
+                    record.raw, verdict.audit, "annotate", config.idk_text, record.format
+                )
                 ann.write(json.dumps(annotated, ensure_ascii=False) + "\n")
-                kept = export_record(record.raw, verdict.audit, "suggested", config.idk_text)
+                kept = export_record(
+                    record.raw, verdict.audit, "suggested", config.idk_text, record.format
+                )
                 if kept is not None:
                     filt.write(json.dumps(kept, ensure_ascii=False) + "\n")
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -298,9 +298,9 @@ EXPORT_POLICIES: tuple[ExportPolicy, ...] = ("suggested", "drop", "idk", "studen
 
 
 def export_record(
-    raw: dict[str, Any], audit: Audit, policy: ExportPolicy, idk_text: str
+    raw: dict[str, Any], audit: Audit, policy: ExportPolicy, idk_text: str, format: str
 ) -> dict[str, Any] | None:
-    """The record as the policy writes it back; None when the policy drops it."""
+    """The record as the policy writes it back, in its own `format`; None when it is dropped."""
     if policy == "annotate":
         return {**raw, "audit": audit.model_dump(mode="json")}
     if not audit.flagged:
@@ -308,11 +308,11 @@ def export_record(
     if policy == "drop":
         return None
     if policy == "idk":
-        return with_answer(raw, idk_text)
+        return with_answer(format, raw, idk_text)
     if policy == "student":
-        return with_answer(raw, audit.student_answer or idk_text)
+        return with_answer(format, raw, audit.student_answer or idk_text)
     assert audit.suggested_answer is not None
-    return with_answer(raw, audit.suggested_answer)
+    return with_answer(format, raw, audit.suggested_answer)
 
 
 def summarize(

@@ -1,13 +1,18 @@
-"""Teacher datasets: reading JSONL, validating every record, and writing answers back."""
+"""Teacher datasets: reading JSONL in any record format, validating it, writing answers back."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 MAX_REPORTED_ERRORS = 50
+
+RecordFormat = Literal["qa", "messages", "alpaca", "sharegpt"]
+RECORD_FORMATS: tuple[str, ...] = get_args(RecordFormat)
+AUTO = "auto"
+"""The format name that asks for detection: the first record's format is the file's."""
 
 
 @dataclass(frozen=True)
@@ -28,11 +33,12 @@ class Example:
 
 @dataclass(frozen=True)
 class Record:
-    """A line of the uploaded file: the object as written, and the example read from it."""
+    """A line of the uploaded file: the object as written, the example read from it, its format."""
 
     line: int
     raw: dict[str, Any]
     example: Example
+    format: str
 
 
 @dataclass(frozen=True)
@@ -67,12 +73,12 @@ class RecordError(ValueError):
         self.message = message
 
 
-def _text(obj: dict[str, Any], key: str) -> str:
+def _text(obj: dict[str, Any], key: str, at: str = "") -> str:
     value = obj.get(key)
     if not isinstance(value, str):
-        raise RecordError(key, f"must be a string, got {_kind(value)}")
+        raise RecordError(at + key, f"must be a string, got {_kind(value)}")
     if not value.strip():
-        raise RecordError(key, "must not be empty")
+        raise RecordError(at + key, "must not be empty")
     return value
 
 
@@ -90,17 +96,154 @@ def _kind(value: object) -> str:
     return "nothing" if value is None else type(value).__name__
 
 
-def parse_qa(obj: dict[str, Any], line: int) -> Example:
-    """Read a `qa` record: question, answer or answers, optional id, group/relation, aliases."""
+# --- record formats ---------------------------------------------------------------------------
+# Each format says where its question and answer are; id, group/relation and aliases are read
+# the same way in every format, and every other key is kept as uploaded.
+
+
+def _read_qa(obj: dict[str, Any]) -> tuple[str, list[str]]:
     question = _text(obj, "question")
     if "answer" in obj:
-        answers = [_text(obj, "answer")]
-    elif "answers" in obj:
+        return question, [_text(obj, "answer")]
+    if "answers" in obj:
         answers = _texts(obj, "answers")
         if not answers:
             raise RecordError("answers", "must hold at least one answer")
+        return question, answers
+    raise RecordError("answer", "missing: give 'answer' or a non-empty 'answers' list")
+
+
+def _write_qa(out: dict[str, Any], answer: str) -> None:
+    if "answer" in out:
+        out["answer"] = answer
     else:
-        raise RecordError("answer", "missing: give 'answer' or a non-empty 'answers' list")
+        out["answers"] = [answer]
+
+
+def _read_alpaca(obj: dict[str, Any]) -> tuple[str, list[str]]:
+    question = _text(obj, "instruction")
+    extra = obj.get("input", "")
+    if not isinstance(extra, str):
+        raise RecordError("input", f"must be a string, got {_kind(extra)}")
+    if extra.strip():
+        question += "\n\n" + extra
+    return question, [_text(obj, "output")]
+
+
+def _write_alpaca(out: dict[str, Any], answer: str) -> None:
+    out["output"] = answer
+
+
+@dataclass(frozen=True)
+class _Dialogue:
+    """A chat format: a list of turns, each naming its speaker and holding its text."""
+
+    turns: str
+    speaker: str
+    text: str
+    asker: str
+    answerer: str
+    speakers: tuple[str, ...]
+
+    def exchange(self, obj: dict[str, Any]) -> tuple[int, int]:
+        """Where the question and the answer are: the last asker turn, the last answerer turn.
+
+        The answer must come after the question: a conversation that ends on a question has no
+        answer to audit.
+        """
+        turns = obj.get(self.turns)
+        if not isinstance(turns, list) or not turns:
+            raise RecordError(self.turns, f"must be a non-empty list of turns, got {_kind(turns)}")
+        question = answer = -1
+        for i, turn in enumerate(turns):
+            at = f"{self.turns}[{i}]"
+            if not isinstance(turn, dict):
+                raise RecordError(at, f"must be an object, got {_kind(turn)}")
+            speaker = turn.get(self.speaker)
+            if speaker not in self.speakers:
+                raise RecordError(
+                    f"{at}.{self.speaker}",
+                    f"must be one of {', '.join(self.speakers)}, got {speaker!r}",
+                )
+            _text(turn, self.text, at + ".")
+            if speaker == self.asker:
+                question = i
+            elif speaker == self.answerer:
+                answer = i
+        if question < 0:
+            raise RecordError(self.turns, f"has no {self.asker} turn: no question to audit")
+        if answer < question:
+            raise RecordError(
+                self.turns, f"has no {self.answerer} turn after the last {self.asker} turn"
+            )
+        return question, answer
+
+    def read(self, obj: dict[str, Any]) -> tuple[str, list[str]]:
+        question, answer = self.exchange(obj)
+        turns = obj[self.turns]
+        return turns[question][self.text], [turns[answer][self.text]]
+
+    def write(self, out: dict[str, Any], answer: str) -> None:
+        at = self.exchange(out)[1]
+        turns = list(out[self.turns])
+        turns[at] = {**turns[at], self.text: answer}
+        out[self.turns] = turns
+
+
+_MESSAGES = _Dialogue(
+    "messages", "role", "content", "user", "assistant", ("system", "user", "assistant")
+)
+_SHAREGPT = _Dialogue("conversations", "from", "value", "human", "gpt", ("system", "human", "gpt"))
+
+
+@dataclass(frozen=True)
+class _Format:
+    marker: str
+    """The key that only this format's records have: what detection looks for."""
+    read: Callable[[dict[str, Any]], tuple[str, list[str]]]
+    """The question and the answers (the first is the answer, the rest count as aliases)."""
+    write: Callable[[dict[str, Any], str], None]
+    """Put a new answer in the answer's place of a copy of the record."""
+
+
+_FORMATS: dict[str, _Format] = {
+    "qa": _Format("question", _read_qa, _write_qa),
+    "messages": _Format("messages", _MESSAGES.read, _MESSAGES.write),
+    "alpaca": _Format("instruction", _read_alpaca, _write_alpaca),
+    "sharegpt": _Format("conversations", _SHAREGPT.read, _SHAREGPT.write),
+}
+
+
+def _rules(format: str) -> _Format:
+    try:
+        return _FORMATS[format]
+    except KeyError:
+        raise ValueError(
+            f"unknown record format {format!r}; known: {', '.join(RECORD_FORMATS)}"
+        ) from None
+
+
+def _marked(obj: dict[str, Any]) -> list[str]:
+    return [name for name, rules in _FORMATS.items() if rules.marker in obj]
+
+
+def detect_format(obj: dict[str, Any]) -> str:
+    """The one format the record's keys say it is; RecordError when none or several fit."""
+    found = _marked(obj)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        markers = ", ".join(f"'{r.marker}' ({name})" for name, r in _FORMATS.items())
+        raise RecordError(None, f"matches no record format: expected one of {markers}")
+    keys = " and ".join(f"'{_FORMATS[name].marker}'" for name in found)
+    raise RecordError(
+        None, f"is ambiguous: it has {keys} ({', '.join(found)}); name the format to use"
+    )
+
+
+def parse_record(format: str, obj: dict[str, Any], line: int) -> Example:
+    """Read a record of the named format; its id is its `id`, else its line number."""
+    question, answers = _rules(format).read(obj)
     aliases = _texts(obj, "aliases") if "aliases" in obj else []
     group: str | None = None
     for key in ("group", "relation"):
@@ -120,6 +263,17 @@ def parse_qa(obj: dict[str, Any], line: int) -> Example:
         aliases=tuple(answers[1:] + aliases),
         group=group,
     )
+
+
+def with_answer(format: str, raw: dict[str, Any], answer: str) -> dict[str, Any]:
+    """A copy of the record with only its answer replaced; key order and the rest as uploaded.
+
+    qa: `answer` (or `answers`, which becomes `[answer]`); messages: the last assistant turn's
+    `content`; alpaca: `output`; sharegpt: the last `gpt` turn's `value`.
+    """
+    out = dict(raw)
+    _rules(format).write(out, answer)
+    return out
 
 
 def read_lines(chunks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
@@ -163,15 +317,27 @@ def _has_nul(value: object) -> bool:
     return isinstance(value, list) and any(_has_nul(v) for v in value)
 
 
-def parse_records(chunks: Iterable[bytes]) -> Iterator[Record | LineError]:
-    """Every line of a JSONL stream as a Record, or a LineError saying what is wrong where."""
+def parse_records(chunks: Iterable[bytes], format: str = AUTO) -> Iterator[Record | LineError]:
+    """Every line of a JSONL stream as a Record, or a LineError saying what is wrong where.
+
+    A named format reads every record as that format. `auto` takes the format of the first
+    record whose format can be told, and expects every later record to be of that format.
+    """
+    expected = None if format == AUTO else format
+    if expected is not None:
+        _rules(expected)  # an unknown name is the caller's error, not the file's
+    detected_on = 0
     seen_ids: dict[str, int] = {}
     for line_no, data in read_lines(chunks):
         try:
             obj = decode_line(line_no, data)
             if obj is None:
                 continue
-            example = parse_qa(obj, line_no)
+            if expected is None:
+                expected, detected_on = detect_format(obj), line_no
+            elif format == AUTO:
+                _check_same_format(obj, expected, detected_on)
+            example = parse_record(expected, obj, line_no)
         except RecordError as exc:
             yield LineError(line_no, exc.field, exc.message)
             continue
@@ -179,13 +345,25 @@ def parse_records(chunks: Iterable[bytes]) -> Iterator[Record | LineError]:
         if first != line_no:
             yield LineError(line_no, "id", f"duplicate id {example.id!r} (first on line {first})")
             continue
-        yield Record(line_no, obj, example)
+        yield Record(line_no, obj, example, expected)
+
+
+def _check_same_format(obj: dict[str, Any], expected: str, detected_on: int) -> None:
+    # A record that also has the file's marker is read as the file's format; one with only
+    # another format's marker would otherwise fail on a missing field, hiding the real mistake.
+    found = _marked(obj)
+    if found and expected not in found:
+        raise RecordError(
+            None,
+            f"is in the {' or '.join(found)} format, but the file is in the {expected} format"
+            f" (detected on line {detected_on})",
+        )
 
 
 def valid_records(
-    chunks: Iterable[bytes], max_errors: int = MAX_REPORTED_ERRORS
+    chunks: Iterable[bytes], format: str = AUTO, max_errors: int = MAX_REPORTED_ERRORS
 ) -> Iterator[Record]:
-    """The records of a JSONL stream, checked to the last line.
+    """The records of a JSONL stream, checked to the last line; each carries its format.
 
     Records are yielded while every line so far is valid, so a caller can store them as they
     come; after the stream ends, DatasetError lists the invalid lines (the first `max_errors`,
@@ -194,7 +372,7 @@ def valid_records(
     errors: list[LineError] = []
     more = 0
     count = 0
-    for item in parse_records(chunks):
+    for item in parse_records(chunks, format):
         if isinstance(item, LineError):
             if len(errors) < max_errors:
                 errors.append(item)
@@ -210,16 +388,6 @@ def valid_records(
         raise DatasetError(errors, more)
 
 
-def load_records(chunks: Iterable[bytes]) -> list[Record]:
+def load_records(chunks: Iterable[bytes], format: str = AUTO) -> list[Record]:
     """All records of a dataset, or DatasetError listing the invalid lines."""
-    return list(valid_records(chunks))
-
-
-def with_answer(raw: dict[str, Any], answer: str) -> dict[str, Any]:
-    """The record as uploaded, with its teacher answer replaced."""
-    out = dict(raw)
-    if "answer" in out:
-        out["answer"] = answer
-    else:
-        out["answers"] = [answer]
-    return out
+    return list(valid_records(chunks, format))

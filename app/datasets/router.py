@@ -35,7 +35,12 @@ def upload_dataset(
     settings: SettingsDep,
     file: Annotated[UploadFile, File(description="JSONL, one record per line.")],
     upload_format: Annotated[
-        UploadFormat, Form(alias="format", description="The record format; auto detects it.")
+        UploadFormat,
+        Form(
+            alias="format",
+            description="The record format: qa, messages (OpenAI chat), alpaca or sharegpt;"
+            " auto takes the first record's format and expects it on every line.",
+        ),
     ] = "auto",
     name: Annotated[
         str | None, Form(min_length=1, max_length=255, description="Default: the file name.")

@@ -8,8 +8,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-UploadFormat = Literal["auto", "qa"]
-"""`auto` detects the format from the records; `qa` is the only format there is so far."""
+from app.datasets.domain import RecordFormat
+
+UploadFormat = Literal["auto", RecordFormat]
+"""`auto` takes the first record's format as the file's; a named format reads every record so."""
 
 
 class DatasetRead(BaseModel):

@@ -34,15 +34,18 @@ def create_dataset(
     back) but validation goes on, so the 422 lists every problem up to `max_errors` and counts
     the rest. Memory holds one chunk and the listed errors.
     """
-    # Only qa exists so far, so detection has one answer.
-    record_format = "qa" if upload_format == "auto" else upload_format
-    dataset = Dataset(name=name, format=record_format, num_examples=0)
+    # The row must exist before its examples are copied in; with auto, the format it stores is
+    # known once the first record is read.
+    dataset = Dataset(name=name, format=upload_format, num_examples=0)
     session.add(dataset)
     session.flush()
+    record_format: str = upload_format
     count = 0
     with repository.copy_examples(session, dataset.id) as write:
-        for record in valid_records(chunks, max_errors):
+        for record in valid_records(chunks, upload_format, max_errors):
             write(count, record)
+            record_format = record.format
             count += 1
+    dataset.format = record_format
     dataset.num_examples = count
     return dataset

@@ -179,8 +179,9 @@ def export_job(session: Session, job_id: uuid.UUID, policy: ExportPolicy) -> Ite
     if job.status not in EXPORTABLE:
         raise Conflict(f"job {job_id} is {job.status.value}: export needs it finished or cancelled")
     idk_text = AuditConfig.model_validate(job.config).idk_text
+    record_format = datasets_service.get_dataset(session, job.dataset_id).format
     return _jsonl(
-        export_record(raw, Audit.model_validate(audit), policy, idk_text)
+        export_record(raw, Audit.model_validate(audit), policy, idk_text, record_format)
         if audit is not None
         else raw
         for raw, audit in repository.iter_records(session, job)
