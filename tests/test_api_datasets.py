@@ -156,6 +156,23 @@ def test_every_invalid_line_counted_beyond_those_listed(
     assert stored(session) == before
 
 
+def test_duplicate_ids_are_found_by_the_database(client: TestClient, session: Session) -> None:
+    before = stored(session)
+    records = [
+        {"id": "y" if i in (1, 7) else "x", "question": f"Q{i}?", "answer": "A"} for i in range(8)
+    ]
+    response = upload(client, jsonl(*records))
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert [(e["line"], e["message"]) for e in detail["errors"]] == [
+        (3, "duplicate id 'x' (first on line 1)"),
+        (4, "duplicate id 'x' (first on line 1)"),
+        (5, "duplicate id 'x' (first on line 1)"),
+    ]
+    assert detail["more_errors"] == 3  # lines 6 and 7 ('x'), and 8 ('y', first on line 2)
+    assert stored(session) == before
+
+
 def test_unknown_format_is_refused(client: TestClient, session: Session) -> None:
     before = stored(session)
     response = upload(client, jsonl({"question": "Q?", "answer": "A"}), format="csv")

@@ -317,11 +317,15 @@ def _has_nul(value: object) -> bool:
     return isinstance(value, list) and any(_has_nul(v) for v in value)
 
 
-def parse_records(chunks: Iterable[bytes], format: str = AUTO) -> Iterator[Record | LineError]:
+def parse_records(
+    chunks: Iterable[bytes], format: str = AUTO, *, check_ids: bool = True
+) -> Iterator[Record | LineError]:
     """Every line of a JSONL stream as a Record, or a LineError saying what is wrong where.
 
     A named format reads every record as that format. `auto` takes the format of the first
     record whose format can be told, and expects every later record to be of that format.
+    `check_ids` finds duplicate ids by keeping every id seen; a caller that stores the records
+    can leave that to its store instead, so memory stays flat.
     """
     expected = None if format == AUTO else format
     if expected is not None:
@@ -341,11 +345,15 @@ def parse_records(chunks: Iterable[bytes], format: str = AUTO) -> Iterator[Recor
         except RecordError as exc:
             yield LineError(line_no, exc.field, exc.message)
             continue
-        first = seen_ids.setdefault(example.id, line_no)
+        first = seen_ids.setdefault(example.id, line_no) if check_ids else line_no
         if first != line_no:
-            yield LineError(line_no, "id", f"duplicate id {example.id!r} (first on line {first})")
+            yield duplicate_id(line_no, example.id, first)
             continue
         yield Record(line_no, obj, example, expected)
+
+
+def duplicate_id(line: int, record_id: str, first: int) -> LineError:
+    return LineError(line, "id", f"duplicate id {record_id!r} (first on line {first})")
 
 
 def _check_same_format(obj: dict[str, Any], expected: str, detected_on: int) -> None:
@@ -361,7 +369,11 @@ def _check_same_format(obj: dict[str, Any], expected: str, detected_on: int) -> 
 
 
 def valid_records(
-    chunks: Iterable[bytes], format: str = AUTO, max_errors: int = MAX_REPORTED_ERRORS
+    chunks: Iterable[bytes],
+    format: str = AUTO,
+    max_errors: int = MAX_REPORTED_ERRORS,
+    *,
+    check_ids: bool = True,
 ) -> Iterator[Record]:
     """The records of a JSONL stream, checked to the last line; each carries its format.
 
@@ -372,7 +384,7 @@ def valid_records(
     errors: list[LineError] = []
     more = 0
     count = 0
-    for item in parse_records(chunks, format):
+    for item in parse_records(chunks, format, check_ids=check_ids):
         if isinstance(item, LineError):
             if len(errors) < max_errors:
                 errors.append(item)

@@ -9,10 +9,11 @@ from typing import Any, cast
 
 import psycopg
 from psycopg.types.json import Json
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.datasets.domain import Record
-from app.models import Dataset
+from app.datasets.domain import LineError, Record, duplicate_id
+from app.models import Dataset, Example
 
 COPY_EXAMPLES = 'COPY example (dataset_id, position, line, record_id, "group", raw) FROM STDIN'
 
@@ -40,3 +41,23 @@ def copy_examples(session: Session, dataset_id: uuid.UUID) -> Iterator[ExampleWr
             )
 
         yield write
+
+
+def duplicate_ids(
+    session: Session, dataset_id: uuid.UUID, limit: int
+) -> tuple[list[LineError], int]:
+    """Lines whose id an earlier line has: the first `limit` of them, and how many more."""
+    first = func.min(Example.line).over(partition_by=Example.record_id).label("first")
+    lines = (
+        select(Example.line, Example.record_id, first)
+        .where(Example.dataset_id == dataset_id)
+        .subquery()
+    )
+    repeated = select(lines).where(lines.c.line != lines.c.first)
+    found = session.execute(repeated.order_by(lines.c.line).limit(limit)).all()
+    errors = [duplicate_id(line, record_id, first_line) for line, record_id, first_line in found]
+    more = 0
+    if len(errors) == limit:
+        total = session.scalar(select(func.count()).select_from(repeated.subquery())) or 0
+        more = total - limit
+    return errors, more

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from sqlalchemy.orm import Session
 
 from app.datasets import repository
-from app.datasets.domain import valid_records
+from app.datasets.domain import DatasetError, valid_records
 from app.datasets.schemas import UploadFormat
 from app.errors import NotFound
 from app.models import Dataset
@@ -32,7 +32,7 @@ def create_dataset(
 
     Valid lines are written as they come; on the first error writing stops (the caller rolls
     back) but validation goes on, so the 422 lists every problem up to `max_errors` and counts
-    the rest. Memory holds one chunk and the listed errors.
+    the rest. Memory holds one chunk and the listed errors, whatever the upload's size.
     """
     # The row must exist before its examples are copied in; with auto, the format it stores is
     # known once the first record is read.
@@ -42,10 +42,15 @@ def create_dataset(
     record_format: str = upload_format
     count = 0
     with repository.copy_examples(session, dataset.id) as write:
-        for record in valid_records(chunks, upload_format, max_errors):
+        for record in valid_records(chunks, upload_format, max_errors, check_ids=False):
             write(count, record)
             record_format = record.format
             count += 1
+    # Ids are checked by the database once every line is in: holding them all would make
+    # memory grow with the upload.
+    duplicates, more = repository.duplicate_ids(session, dataset.id, max_errors)
+    if duplicates:
+        raise DatasetError(duplicates, more)
     dataset.format = record_format
     dataset.num_examples = count
     return dataset
