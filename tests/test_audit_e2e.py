@@ -111,10 +111,12 @@ def test_kma_audit_command_on_hf(
 
 
 @pytest.fixture(scope="module")
-def hf_engine(student_dir: Path) -> Engine:
+def hf_engine(student_dir: Path) -> Iterator[Engine]:
     from workers.engines.hf import HFEngine
 
-    return HFEngine(str(student_dir))
+    engine = HFEngine(str(student_dir))
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +124,9 @@ def vllm_engine(student_dir: Path) -> Iterator[Engine]:
     pytest.importorskip("vllm", reason="vLLM is installed by scripts/test")
     from workers.engines.vllm import VLLMEngine
 
-    yield VLLMEngine(str(student_dir), max_model_len=512)
+    engine = VLLMEngine(str(student_dir), max_model_len=512)
+    yield engine
+    engine.close()
 
 
 def test_hf_engine_adaptive_and_full(

@@ -68,16 +68,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
     engine_name = resolve_engine_name(args.engine)
     print(f"loading {args.student} on the {engine_name} engine", file=sys.stderr)
     engine = load_engine(engine_name, args.student, revision=args.revision)
-    with tqdm(total=len(records), unit="ex", desc="auditing", file=sys.stderr) as bar:
-        report = audit_file(
-            records,
-            engine,
-            config,
-            Path(args.out),
-            engine_name=engine_name,
-            chunk_size=args.chunk_size,
-            on_progress=bar.update,
-        )
+    try:
+        with tqdm(total=len(records), unit="ex", desc="auditing", file=sys.stderr) as bar:
+            report = audit_file(
+                records,
+                engine,
+                config,
+                Path(args.out),
+                engine_name=engine_name,
+                chunk_size=args.chunk_size,
+                on_progress=bar.update,
+            )
+    finally:
+        engine.close()
     print(format_categories(report), file=sys.stderr)
     print(f"wrote {args.out}/annotated.jsonl, filtered.jsonl, report.json", file=sys.stderr)
     return EXIT_OK

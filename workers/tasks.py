@@ -10,7 +10,7 @@ import uuid
 from typing import Any
 
 import httpx
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutdown
 
 from app.audit import repository
 from app.db import get_sessionmaker
@@ -34,10 +34,17 @@ def engine_for(student: dict[str, Any]) -> Engine:
     """The student's engine, loaded once per worker process; one model held at a time."""
     key = (student.get("engine", "auto"), student["model"], student.get("revision"))
     if key not in _loaded:
-        _loaded.clear()
+        close_engines()
         log.info("loading %s on engine %s", key[1], key[0])
         _loaded[key] = load_engine(key[0], key[1], revision=key[2])
     return _loaded[key]
+
+
+@worker_shutdown.connect
+def close_engines(**_: Any) -> None:
+    for engine in _loaded.values():
+        engine.close()
+    _loaded.clear()
 
 
 @worker_ready.connect

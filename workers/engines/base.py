@@ -47,6 +47,9 @@ class Engine(Protocol):
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]: ...
 
+    def close(self) -> None:
+        """Release the model (and any processes the engine started)."""
+
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """The completion up to (not including) the first stop string."""

@@ -34,6 +34,9 @@ class CachedEngine:
         self.new_generations = 0
         self.cached_generations = 0
 
+    def close(self) -> None:
+        self.engine.close()
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         keys = [cache_key(self.model_id, r) for r in requests]
         found = dict(self.store.get_many(list(set(keys))))

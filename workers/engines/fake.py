@@ -18,3 +18,6 @@ class FakeEngine:
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         self.calls.append(list(requests))
         return [self.handler(r) for r in requests]
+
+    def close(self) -> None:
+        """Nothing to release."""

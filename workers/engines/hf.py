@@ -32,6 +32,11 @@ class HFEngine:
         self.model.to(self.device).eval()
         torch.manual_seed(seed)
 
+    def close(self) -> None:
+        del self.model
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         results: list[GenerationResult | None] = [None] * len(requests)
         by_options: dict[SamplingOptions, list[int]] = {}

@@ -45,6 +45,10 @@ class VLLMEngine:
         # The seed is the engine's: a per-request seed breaks vLLM's CPU sampler.
         self.llm = LLM(model=model, revision=revision, seed=seed, **options)
 
+    def close(self) -> None:
+        """Stop the engine's processes; left to interpreter exit they can hang it."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         from vllm import SamplingParams
 
