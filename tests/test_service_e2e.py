@@ -112,7 +112,7 @@ def test_serve_audits_over_http(
 ) -> None:
     client = Client(served)
     path = tmp_path / "teacher.jsonl"
-    facts = write_dataset(path, n_trained=30, n_unseen=20, seed=1)
+    facts = write_dataset(path, n_trained=30, n_unseen=20)
     dataset = client.upload_dataset(path)
     assert dataset["num_examples"] == 50
     student = {"model": str(student_dir), "engine": "hf"}
@@ -187,7 +187,7 @@ def test_a_worker_killed_mid_job_loses_nothing(
         wait_until_ready(url, api, timeout=60)
         client = Client(url)
         path = tmp_path / "teacher.jsonl"
-        write_dataset(path, n_trained=24, n_unseen=16, seed=2)
+        write_dataset(path, n_trained=24, n_unseen=16)
         dataset = client.upload_dataset(path)
         job_id = client.create_job(
             dataset["id"], {"model": str(student_dir), "engine": "hf"}, config={"mode": "full"}
