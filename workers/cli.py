@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app.audit.schemas import AuditConfig
+from app.audit.schemas import AuditConfig, Category
 from app.datasets.domain import AUTO, RECORD_FORMATS, DatasetError
 from app.logs import configure_logging
 from app.settings import Settings, get_settings
@@ -89,11 +89,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def format_categories(report: dict[str, Any]) -> str:
     total = report["num_examples"] or 1
     rows = [f"{'category':<12} {'examples':>9} {'share':>7}"]
-    for name, count in report["categories"].items():
+    for name in (c.value for c in Category):
+        count = report["categories"].get(name, 0)
         rows.append(f"{name:<12} {count:>9} {count / total:>7.1%}")
     rows.append(f"{'flagged':<12} {report['flagged']:>9} {report['flagged'] / total:>7.1%}")
     rows.append(f"conflicts (student consistent, teacher different): {len(report['conflicts'])}")
-    rows.append(f"generations: {report['generations']}")
+    rows.append(
+        f"generations: {report['generations']} new, "
+        f"{report.get('generations_cached', 0)} from the cache"
+    )
     return "\n".join(rows)
 
 
@@ -124,7 +128,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             uvicorn.run("app.main:app", host=args.host, port=args.port, log_config=None)
         finally:
             worker.terminate()
-            worker.wait(timeout=60)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
     return EXIT_OK
 
 
@@ -205,6 +212,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             [sys.executable, "-m", "workers.cli", "serve", "--port", str(port)],
             stdout=log,
             stderr=subprocess.STDOUT,
+            # Small chunks, so the progress bar moves on a 100-example demo.
+            env={**os.environ, "KMA_CHUNK_SIZE": os.environ.get("KMA_CHUNK_SIZE", "10")},
         )
     try:
         wait_until_ready(url, server, timeout=180)
