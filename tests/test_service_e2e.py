@@ -217,3 +217,74 @@ def test_a_worker_killed_mid_job_loses_nothing(
             (job_id,),
         ).fetchone()
     assert rows == (40, 40, 0, 39)
+
+
+def kma(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean_env(),
+    )
+
+
+def test_the_command_line_client(served: str, student_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "teacher.jsonl"
+    facts = write_dataset(path, n_trained=12, n_unseen=8)
+    submitted = kma(
+        "submit", str(path), "--student", str(student_dir), "--engine", "hf",
+        "--config", "samples=8", "--wait", "--server", served,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert "uploaded 20 examples (qa)" in submitted.stderr
+    assert "100%" in submitted.stderr and "20/20" in submitted.stderr  # the progress bar
+    assert f"job {job_id} succeeded" in submitted.stderr
+
+    status = kma("status", job_id, "--server", served)
+    assert status.returncode == 0
+    job = json.loads(status.stdout)
+    assert job["status"] == "succeeded"
+    assert job["config"]["samples"] == 8
+
+    out = tmp_path / "kept.jsonl"
+    downloaded = kma("download", job_id, "--policy", "drop", "-o", str(out), "--server", served)
+    assert downloaded.returncode == 0, downloaded.stderr
+    kept = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert kept == [f.id for f, _ in facts if f.id in set(kept)]
+    assert len(kept) == len(facts) - job["progress"]["flagged"]
+    assert not out.with_name("kept.jsonl.part").exists()
+
+
+def test_command_line_exit_codes(served: str, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "Q?", "answer": "A"}\n{"question": "Q2?"}\n')
+    refused = kma("submit", str(bad), "--student", "m", "--server", served)
+    assert refused.returncode == 2
+    assert "line 2, field 'answer': missing" in refused.stderr
+
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"question": "Q?", "answer": "A"}\n{"question": "Q2?", "answer": "B"}\n')
+    bad_config = kma("submit", str(good), "--student", "m", "--config", "samples=-1",
+                     "--server", served)  # fmt: skip
+    assert bad_config.returncode == 2
+    assert "config.samples" in bad_config.stderr
+
+    failed = kma("submit", str(good), "--student", str(tmp_path / "no-model"), "--engine", "hf",
+                 "--wait", "--server", served)  # fmt: skip
+    assert failed.returncode == 1, failed.stderr
+    assert "failed" in failed.stderr
+
+    client = Client(served)
+    dataset = client.upload_dataset(good)
+    job = client.create_job(dataset["id"], {"model": "m"})
+    client.cancel(job["id"])
+    assert kma("status", job["id"], "--server", served).returncode == 3
+
+    missing = kma("status", "00000000-0000-0000-0000-000000000000", "--server", served)
+    assert missing.returncode == 4
+    assert "404" in missing.stderr
+    unreachable = kma("status", job["id"], "--server", f"http://127.0.0.1:{free_port()}")
+    assert unreachable.returncode == 4
+    assert "cannot reach" in unreachable.stderr

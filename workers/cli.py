@@ -20,6 +20,7 @@ from app.audit.schemas import AuditConfig, Category
 from app.datasets.domain import AUTO, RECORD_FORMATS, DatasetError
 from app.logs import configure_logging
 from app.settings import Settings, get_settings
+from workers.client_commands import add_client_commands, follow
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -190,8 +191,6 @@ def wait_until_ready(url: str, server: subprocess.Popen[bytes], timeout: float) 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Build the tiny student, start the embedded service, audit a demo dataset over HTTP."""
-    from tqdm import tqdm
-
     from app.client import Client
     from workers.tiny_student import ensure_student, write_dataset
 
@@ -221,12 +220,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         dataset = client.upload_dataset(dataset_path, name="demo teacher dataset")
         print(f"3/4 uploaded {dataset['num_examples']} examples; auditing", file=sys.stderr)
         job = client.create_job(dataset["id"], student={"model": str(student), "engine": "hf"})
-        with tqdm(total=job["progress"]["total"], unit="ex", file=sys.stderr) as bar:
-
-            def show(state: dict[str, Any]) -> None:
-                bar.update(state["progress"]["done"] - bar.n)
-
-            job = client.wait(job["id"], poll_seconds=0.5, on_progress=show)
+        job = follow(client, job, poll_seconds=0.5)
         if job["status"] != "succeeded":
             print(f"the job ended {job['status']}: {job.get('error')}", file=sys.stderr)
             return EXIT_FAILED
@@ -305,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help=cmd_demo.__doc__)
     demo.add_argument("--port", type=int, help="port for the demo server (default: a free one)")
     demo.set_defaults(run=cmd_demo)
+
+    add_client_commands(commands)
     return parser
 
 

@@ -1,0 +1,190 @@
+"""`kma submit`, `kma status`, `kma download`: the command line of a running kma server.
+
+Exit codes a pipeline can rely on:
+  0  done: submitted, or (with --wait) the job succeeded; the file downloaded
+  1  the job failed
+  2  the input was refused (invalid dataset or options), or a usage error
+  3  the job was cancelled
+  4  the server could not be reached, or answered an error (e.g. no such job)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from app.client import Client, KmaError
+
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_CANCELLED, EXIT_SERVER = 0, 1, 2, 3, 4
+EXIT_BY_STATUS = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
+
+
+def describe_error(exc: KmaError) -> str:
+    detail = exc.detail
+    if isinstance(detail, dict) and "errors" in detail:
+        lines = [str(detail.get("message", "invalid dataset"))]
+        for error in detail["errors"]:
+            field = f", field '{error['field']}'" if error.get("field") else ""
+            lines.append(f"  line {error['line']}{field}: {error['message']}")
+        if detail.get("more_errors"):
+            lines.append(f"  ... and {detail['more_errors']} more")
+        return "\n".join(lines)
+    if isinstance(detail, list):  # FastAPI's validation errors
+        return "\n".join(
+            f"  {'.'.join(str(p) for p in e.get('loc', []))}: {e.get('msg')}" for e in detail
+        )
+    return str(detail)
+
+
+def follow(client: Client, job: dict[str, Any], poll_seconds: float = 1.0) -> dict[str, Any]:
+    """Poll the job to its end with a progress bar (examples done, ETA, categories) on stderr."""
+    from tqdm import tqdm
+
+    with tqdm(
+        total=job["progress"]["total"], unit="ex", desc=job["status"], file=sys.stderr
+    ) as bar:
+
+        def show(state: dict[str, Any]) -> None:
+            progress = state["progress"]
+            bar.set_description(state["status"])
+            counts = {k: v for k, v in progress["categories"].items() if v}
+            eta = state.get("eta_seconds")
+            bar.set_postfix(counts | ({"eta": f"{eta:.0f}s"} if eta is not None else {}))
+            bar.update(progress["done"] - bar.n)
+
+        return client.wait(job["id"], poll_seconds=poll_seconds, on_progress=show)
+
+
+def finished(job: dict[str, Any]) -> int:
+    status = job["status"]
+    print(f"job {job['id']} {status}", file=sys.stderr)
+    if job.get("error"):
+        print(f"  {job['error']}", file=sys.stderr)
+    return EXIT_BY_STATUS[status]
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from workers.cli import parse_options
+
+    client = Client(args.server)
+    student = {"model": args.student, "engine": args.engine}
+    if args.revision:
+        student["revision"] = args.revision
+    dataset = client.upload_dataset(args.file, format=args.format, name=args.name)
+    print(
+        f"uploaded {dataset['num_examples']} examples ({dataset['format']}) "
+        f"as dataset {dataset['id']}",
+        file=sys.stderr,
+    )
+    job = client.create_job(
+        dataset["id"], student, config=parse_options(args.config), webhook_url=args.webhook_url
+    )
+    print(job["id"])  # stdout: for JOB=$(kma submit ...)
+    sys.stdout.flush()
+    if not args.wait:
+        return EXIT_OK
+    return finished(follow(client, job))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = Client(args.server)
+    job = client.get_job(args.job_id)
+    if args.wait and job["status"] not in EXIT_BY_STATUS:
+        job = follow(client, job)
+    print(json.dumps(job, indent=2))
+    return EXIT_BY_STATUS.get(job["status"], EXIT_OK)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    client = Client(args.server)
+    out = Path(args.output or f"{args.job_id}.{args.policy}.jsonl")
+    partial = out.with_name(out.name + ".part")
+    try:
+        lines = client.download(args.job_id, partial, policy=args.policy)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(out)
+    print(f"wrote {lines} records to {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def run(command: Any, args: argparse.Namespace) -> int:
+    """Run a client command, turning what can go wrong into a message and an exit code."""
+    try:
+        code: int = command(args)
+        return code
+    except KmaError as exc:
+        print(f"kma {args.command}: the server answered {exc.status}:", file=sys.stderr)
+        print(describe_error(exc), file=sys.stderr)
+        return EXIT_REFUSED if exc.status == 422 else EXIT_SERVER
+    except httpx.HTTPError as exc:
+        print(f"kma {args.command}: cannot reach {args.server}: {exc}", file=sys.stderr)
+        return EXIT_SERVER
+    except ValueError as exc:  # a bad --config pair
+        print(f"kma {args.command}: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except OSError as exc:
+        print(f"kma {args.command}: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+
+
+def add_client_commands(commands: Any) -> None:
+    """The subcommands that talk to a server, with their options."""
+    server = argparse.ArgumentParser(add_help=False)
+    server.add_argument(
+        "--server",
+        default=os.environ.get("KMA_SERVER_URL", "http://127.0.0.1:8000"),
+        help="the kma server (default: $KMA_SERVER_URL or http://127.0.0.1:8000)",
+    )
+    epilog = __doc__.split("\n\n", 1)[1] if __doc__ else None
+    formatter = argparse.RawDescriptionHelpFormatter
+
+    submit = commands.add_parser(
+        "submit",
+        parents=[server],
+        help="upload a dataset and start an audit on a server",
+        epilog=epilog,
+        formatter_class=formatter,
+    )
+    submit.add_argument("file", help="teacher dataset, JSONL")
+    submit.add_argument("--student", required=True, help="model name or path on the workers")
+    submit.add_argument("--engine", default="auto", help="auto, hf, vllm or openai")
+    submit.add_argument("--revision", help="model revision")
+    submit.add_argument("--format", default="auto", help="auto, qa, messages, alpaca, sharegpt")
+    submit.add_argument("--name", help="dataset name (default: the file name)")
+    submit.add_argument("--config", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--webhook-url", help="POSTed the job's JSON when it ends")
+    submit.add_argument("--wait", action="store_true", help="follow the job to its end")
+    submit.set_defaults(run=lambda a: run(cmd_submit, a))
+
+    status = commands.add_parser(
+        "status",
+        parents=[server],
+        help="a job's state as JSON",
+        epilog=epilog,
+        formatter_class=formatter,
+    )
+    status.add_argument("job_id")
+    status.add_argument("--wait", action="store_true", help="follow the job to its end first")
+    status.set_defaults(run=lambda a: run(cmd_status, a))
+
+    download = commands.add_parser(
+        "download",
+        parents=[server],
+        help="download a job's dataset",
+        epilog=epilog,
+        formatter_class=formatter,
+    )
+    download.add_argument("job_id")
+    download.add_argument(
+        "--policy", default="suggested", help="suggested, drop, idk, student or annotate"
+    )
+    download.add_argument("-o", "--output", help="file (default: JOB_ID.POLICY.jsonl)")
+    download.set_defaults(run=lambda a: run(cmd_download, a))
