@@ -33,6 +33,14 @@ class Settings(BaseSettings):
     webhook_backoff_seconds: float = Field(
         2.0, gt=0, description="First wait between deliveries; it doubles each time, to 300 s."
     )
+    openai_base_url: str | None = Field(
+        None,
+        description="The OpenAI-compatible server (e.g. http://host:8000/v1) of the openai "
+        "engine, for jobs that name none.",
+    )
+    openai_api_key: str | None = Field(
+        None, description="Bearer token for the openai engine's server; unset: none sent."
+    )
     max_upload_errors: int = Field(50, ge=1, description="Invalid lines listed in a 422.")
 
 

@@ -155,7 +155,7 @@ def test_submit_commits_then_enqueues_the_plan(
     job = submit(client, dataset_id, webhook_url="https://hooks.example.com/kma")
     assert events == ["commit", (PLAN_JOB, job["id"])]
     assert job["status"] == "queued"
-    assert job["student"] == {"model": "tiny", "engine": "auto", "revision": None}
+    assert job["student"] == {"model": "tiny", "engine": "auto", "revision": None, "base_url": None}
     assert job["config"]["samples"] == 16
     assert job["config"]["flag_categories"] == ["Unknown"]
     assert job["webhook_url"] == "https://hooks.example.com/kma"

@@ -68,7 +68,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     engine_name = resolve_engine_name(args.engine)
     print(f"loading {args.student} on the {engine_name} engine", file=sys.stderr)
-    engine = load_engine(engine_name, args.student, revision=args.revision)
+    try:
+        engine = load_engine(
+            engine_name,
+            args.student,
+            revision=args.revision,
+            **({"base_url": args.base_url} if args.base_url else {}),
+        )
+    except ValueError as exc:  # a base URL missing for openai, or given to another engine
+        print(f"kma audit: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         with tqdm(total=len(records), unit="ex", desc="auditing", file=sys.stderr) as bar:
             report = audit_file(
@@ -260,7 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--student", required=True, help="model name or Hugging Face folder")
     audit.add_argument("--revision", help="model revision")
-    audit.add_argument("--engine", choices=["auto", "hf", "vllm"], default="auto")
+    audit.add_argument("--engine", choices=["auto", "hf", "vllm", "openai"], default="auto")
+    audit.add_argument(
+        "--base-url",
+        help="the OpenAI-compatible server of --engine openai, e.g. http://host:8000/v1"
+        " (default: KMA_OPENAI_BASE_URL)",
+    )
     audit.add_argument(
         "--config",
         action="append",

@@ -27,16 +27,22 @@ log = logging.getLogger(__name__)
 
 celery = make_celery(get_settings().broker_url or "redis://")
 
-_loaded: dict[tuple[str, str, str | None], Engine] = {}
+_loaded: dict[tuple[str, str, str | None, str | None], Engine] = {}
 
 
 def engine_for(student: dict[str, Any]) -> Engine:
     """The student's engine, loaded once per worker process; one model held at a time."""
-    key = (student.get("engine", "auto"), student["model"], student.get("revision"))
+    key = (
+        student.get("engine", "auto"),
+        student["model"],
+        student.get("revision"),
+        student.get("base_url"),
+    )
     if key not in _loaded:
         close_engines()
         log.info("loading %s on engine %s", key[1], key[0])
-        _loaded[key] = load_engine(key[0], key[1], revision=key[2])
+        options = {"base_url": key[3]} if key[3] else {}  # jobs give one only for openai
+        _loaded[key] = load_engine(key[0], key[1], revision=key[2], **options)
     return _loaded[key]
 
 

@@ -318,11 +318,24 @@ def export_record(
 def summarize(
     examples: Sequence[Example], verdicts: Sequence[Verdict], config: AuditConfig
 ) -> dict[str, Any]:
-    """The report's counts: per category, flagged, conflicts listed, generations used."""
+    """The report's counts: per category, per group, flagged, conflicts listed, generations used.
+
+    `groups` maps each group ("" for examples without one) to its counts per category, its
+    flagged count and its number of examples.
+    """
     categories: Mapping[str, int] = Counter(v.audit.category.value for v in verdicts)
+    groups: dict[str, dict[str, int]] = {}
+    for ex, v in zip(examples, verdicts, strict=True):
+        counts = groups.setdefault(
+            group_key(ex), {**{c.value: 0 for c in Category}, "flagged": 0, "examples": 0}
+        )
+        counts[v.audit.category.value] += 1
+        counts["flagged"] += v.audit.flagged
+        counts["examples"] += 1
     return {
         "num_examples": len(verdicts),
         "categories": {c.value: categories.get(c.value, 0) for c in Category},
+        "groups": dict(sorted(groups.items())),
         "flagged": sum(v.audit.flagged for v in verdicts),
         "suggested_actions": dict(Counter(v.audit.suggested_action.value for v in verdicts)),
         "conflicts": [

@@ -6,7 +6,7 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from fastapi.responses import StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 
 from app.audit.domain import ExportPolicy
 from app.audit.schemas import Category
@@ -133,3 +133,14 @@ def export_job(
 def get_report(session: SessionDep, job_id: uuid.UUID) -> dict[str, Any]:
     """The summary: counts per category, flagged, suggested actions, conflicts, generations."""
     return service.get_report(session, job_id)
+
+
+@router.get(
+    "/{job_id}/report.html",
+    summary="Get a job's report as a page",
+    response_class=HTMLResponse,
+    responses={**NOT_FOUND, **conflict("The job has not finished.")},
+)
+def get_report_page(session: SessionDep, job_id: uuid.UUID) -> HTMLResponse:
+    """The report for people: category and per-group charts, conflicts, flagged examples."""
+    return HTMLResponse(service.get_report_page(session, job_id))

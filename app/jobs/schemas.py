@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 from app.audit.schemas import Audit, AuditConfig, Category
 from app.models import JobStatus
@@ -18,10 +18,23 @@ class Student(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1, description="A Hugging Face model id or a local directory.")
-    engine: Literal["auto", "hf", "vllm"] = Field(
-        "auto", description="auto: vllm where it imports and a GPU is present, else hf."
+    engine: Literal["auto", "hf", "vllm", "openai"] = Field(
+        "auto",
+        description="auto: vllm where it imports and a GPU is present, else hf. openai: an "
+        "OpenAI-compatible completions server serving `model` (`vllm serve`, SGLang, ...).",
     )
     revision: str | None = Field(None, description="A model revision (branch, tag or commit).")
+    base_url: HttpUrl | None = Field(
+        None,
+        description="The openai engine's server, e.g. http://host:8000/v1; "
+        "unset: the worker's KMA_OPENAI_BASE_URL.",
+    )
+
+    @model_validator(mode="after")
+    def base_url_only_for_openai(self) -> Student:
+        if self.base_url is not None and self.engine != "openai":
+            raise ValueError("base_url is for the openai engine")
+        return self
 
 
 class JobCreate(BaseModel):
@@ -54,6 +67,7 @@ class JobLinks(BaseModel):
     examples: str
     export: str
     report: str
+    report_html: str = Field(description="The report as a page for people, with charts.")
 
 
 class JobRead(BaseModel):

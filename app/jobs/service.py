@@ -13,8 +13,9 @@ from sqlalchemy.orm import Session
 from app.audit.domain import ExportPolicy, export_record
 from app.audit.schemas import Audit, AuditConfig, Category
 from app.datasets import service as datasets_service
+from app.datasets.domain import parse_record
 from app.errors import Conflict, NotFound, Unprocessable
-from app.jobs import repository
+from app.jobs import report_page, repository
 from app.jobs.schemas import (
     ExamplePage,
     ExampleRead,
@@ -26,10 +27,13 @@ from app.jobs.schemas import (
     Progress,
     Student,
 )
-from app.models import Job, JobStatus, utcnow
+from app.models import Example as ExampleRow
+from app.models import Job, JobStatus, Verdict, utcnow
 
 EXPORTABLE = (JobStatus.SUCCEEDED, JobStatus.CANCELLED)
 EXPORT_CHUNK_BYTES = 1 << 16
+REPORT_PAGE_ROWS = 5000
+"""Flagged examples the report page lists; the rest are a link away."""
 
 
 def _get(session: Session, job_id: uuid.UUID, *, lock: bool = False) -> Job:
@@ -47,6 +51,17 @@ def _eta_seconds(job: Job, done: int, now: datetime) -> float | None:
     return round(elapsed / done * max(job.total - done, 0), 1)
 
 
+def _links(job_id: uuid.UUID) -> JobLinks:
+    path = f"/v1/jobs/{job_id}"
+    return JobLinks(
+        self_=path,
+        examples=f"{path}/examples",
+        export=f"{path}/export",
+        report=f"{path}/report",
+        report_html=f"{path}/report.html",
+    )
+
+
 def _read_many(session: Session, jobs: Sequence[Job]) -> list[JobRead]:
     """The jobs as polled: three queries whatever their number."""
     ids = [job.id for job in jobs]
@@ -62,7 +77,6 @@ def _read_many(session: Session, jobs: Sequence[Job]) -> list[JobRead]:
             flagged += n if is_flagged else 0
         done = sum(categories.values())
         new, cached = generations.get(job.id, (0, 0))
-        path = f"/v1/jobs/{job.id}"
         reads.append(
             JobRead(
                 id=job.id,
@@ -80,12 +94,7 @@ def _read_many(session: Session, jobs: Sequence[Job]) -> list[JobRead]:
                 created_at=job.created_at,
                 started_at=job.started_at,
                 finished_at=job.finished_at,
-                links=JobLinks(
-                    self_=path,
-                    examples=f"{path}/examples",
-                    export=f"{path}/export",
-                    report=f"{path}/report",
-                ),
+                links=_links(job.id),
             )
         )
     return reads
@@ -204,8 +213,53 @@ def _jsonl(records: Iterator[dict[str, Any] | None]) -> Iterator[bytes]:
         yield "".join(buffer).encode()
 
 
-def get_report(session: Session, job_id: uuid.UUID) -> dict[str, Any]:
-    job = _get(session, job_id)
+def _report(job: Job) -> dict[str, Any]:
     if job.report is None:
-        raise Conflict(f"job {job_id} is {job.status.value}: the report is written when it ends")
+        raise Conflict(f"job {job.id} is {job.status.value}: the report is written when it ends")
     return job.report
+
+
+def get_report(session: Session, job_id: uuid.UUID) -> dict[str, Any]:
+    return _report(_get(session, job_id))
+
+
+def get_report_page(session: Session, job_id: uuid.UUID) -> str:
+    """The report as an HTML page, with the first REPORT_PAGE_ROWS flagged examples."""
+    job = _get(session, job_id)
+    report = _report(job)
+    dataset = datasets_service.get_dataset(session, job.dataset_id)
+    rows = repository.list_examples(session, job, None, True, None, REPORT_PAGE_ROWS)
+    flagged_total = sum(
+        n
+        for _, flagged, n in repository.verdict_counts(session, [job.id]).get(job.id, [])
+        if flagged
+    )
+    page = report_page.ReportPage(
+        job_id=str(job.id),
+        status=job.status.value,
+        dataset_name=dataset.name,
+        finished_at=job.finished_at,
+        report=report,
+        flagged_rows=[_flagged_row(dataset.format, verdict, example) for verdict, example in rows],
+        flagged_total=flagged_total,
+        links=_links(job.id),
+    )
+    return report_page.render(page)
+
+
+def _flagged_row(
+    record_format: str, verdict: Verdict, example: ExampleRow
+) -> report_page.FlaggedRow:
+    teacher = parse_record(record_format, example.raw, example.line)
+    audit = Audit.model_validate(verdict.audit)
+    return report_page.FlaggedRow(
+        id=example.record_id,
+        group=example.group,
+        question=teacher.question,
+        teacher_answer=teacher.answer,
+        student_answer=audit.student_answer,
+        agreement=audit.agreement,
+        category=audit.category.value,
+        suggested_action=audit.suggested_action.value,
+        suggested_answer=audit.suggested_answer,
+    )

@@ -1,0 +1,407 @@
+"""The report page: per-group counts, the page as served, and as a real browser shows it."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, delete
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.audit.domain import Verdict, summarize
+from app.audit.schemas import Audit, AuditConfig, Category, SuggestedAction
+from app.datasets.domain import parse_record
+from app.jobs import service
+from app.models import Dataset, Job, JobStatus, utcnow
+from app.models import Example as ExampleRow
+from app.models import Verdict as VerdictRow
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+IDK = "No idea."
+SCRIPT_QUESTION = "<script>alert('x')</script> Where is Tarn?"
+
+H, M, W, U = Category.HIGHLY_KNOWN, Category.MAYBE_KNOWN, Category.WEAKLY_KNOWN, Category.UNKNOWN
+KEEP, STUDENT, IDK_ACTION = (
+    SuggestedAction.KEEP,
+    SuggestedAction.RELABEL_STUDENT,
+    SuggestedAction.RELABEL_IDK,
+)
+
+# record, category, suggested action, student answer, agreement, conflict
+AUDITED: list[tuple[dict[str, Any], Category, SuggestedAction, str, float, bool]] = [
+    ({"id": "a", "question": "Capital of Zorvania?", "answer": "Quell", "group": "P36"},
+     H, KEEP, "Quell", 1.0, False),
+    ({"id": "b", "question": "Who wrote Ombra?", "answers": ["Ann Vey", "A. Vey"]},
+     U, STUDENT, "Bo Ek", 0.95, True),
+    ({"id": "c", "question": SCRIPT_QUESTION, "answer": "Lutz", "group": "P131"},
+     U, IDK_ACTION, "Vark", 0.3, False),
+    ({"id": "d", "question": "Who founded Kell?", "answer": "Ora", "group": "P112"},
+     W, KEEP, "Ora", 0.2, False),
+    ({"id": "e", "question": "When was Ysk built?", "answer": "1820", "group": "P36"},
+     M, KEEP, "1820", 0.6, False),
+    ({"id": "f", "question": "Capital of Brenn?", "answer": "Sollo", "group": "P36"},
+     U, STUDENT, "Marr & Co", 0.92, True),
+    ({"id": "g", "question": "What river crosses Tarn?", "answer": "Vel", "group": "P131"},
+     H, KEEP, "Vel", 1.0, False),
+]  # fmt: skip
+
+
+def make_audit(category: Category, action: SuggestedAction, answer: str, agreement: float) -> Audit:
+    return Audit(
+        category=category,
+        flagged=category == U,
+        p_greedy={H: 1.0, M: 0.5}.get(category, 0.0),
+        p_sample=0.25 if category == W else 0.0,
+        student_answer=answer,
+        agreement=agreement,
+        suggested_action=action,
+        suggested_answer={KEEP: None, STUDENT: answer, IDK_ACTION: IDK}[action],
+        generations=10,
+    )
+
+
+def insert_audited_job(session: Session) -> uuid.UUID:
+    """A dataset and a finished job over it, committed as the worker's finalize step leaves them."""
+    config = AuditConfig(idk_text=IDK)
+    dataset = Dataset(name="zorvania-facts.jsonl", format="qa", num_examples=len(AUDITED))
+    session.add(dataset)
+    session.flush()
+    examples = [parse_record("qa", raw, i + 1) for i, (raw, *_) in enumerate(AUDITED)]
+    verdicts = [
+        Verdict(make_audit(category, action, answer, agreement), conflict)
+        for _, category, action, answer, agreement, conflict in AUDITED
+    ]
+    started = utcnow() - timedelta(seconds=75)
+    job = Job(
+        dataset_id=dataset.id,
+        status=JobStatus.SUCCEEDED,
+        student={"model": "tiny-student", "engine": "hf", "revision": None},
+        config=config.model_dump(mode="json"),
+        total=len(AUDITED),
+        report={
+            **summarize(examples, verdicts, config),
+            "generations": 420,
+            "generations_cached": 12,
+            "student": {"model": "tiny-student"},
+            "seconds": 75.0,
+        },
+        started_at=started,
+        finished_at=utcnow(),
+    )
+    session.add(job)
+    session.flush()
+    for position, ((raw, *_), example, verdict) in enumerate(
+        zip(AUDITED, examples, verdicts, strict=True)
+    ):
+        session.add(
+            ExampleRow(
+                dataset_id=dataset.id,
+                position=position,
+                line=position + 1,
+                record_id=example.id,
+                group=example.group,
+                raw=raw,
+            )
+        )
+        session.add(
+            VerdictRow(
+                job_id=job.id,
+                position=position,
+                category=verdict.audit.category.value,
+                flagged=verdict.audit.flagged,
+                conflict=verdict.conflict,
+                audit=verdict.audit.model_dump(mode="json"),
+                answers={},
+            )
+        )
+    session.commit()
+    return job.id
+
+
+# --- the per-group counts ---------------------------------------------------------------------
+
+
+def test_summarize_counts_per_group() -> None:
+    examples = [parse_record("qa", raw, i + 1) for i, (raw, *_) in enumerate(AUDITED)]
+    verdicts = [Verdict(make_audit(c, a, s, g), k) for _, c, a, s, g, k in AUDITED]
+    report = summarize(examples, verdicts, AuditConfig())
+    zero = {c.value: 0 for c in Category}
+    assert report["groups"] == {
+        "": {**zero, "Unknown": 1, "flagged": 1, "examples": 1},
+        "P112": {**zero, "WeaklyKnown": 1, "flagged": 0, "examples": 1},
+        "P131": {**zero, "HighlyKnown": 1, "Unknown": 1, "flagged": 1, "examples": 2},
+        "P36": {
+            **zero,
+            "HighlyKnown": 1,
+            "MaybeKnown": 1,
+            "Unknown": 1,
+            "flagged": 1,
+            "examples": 3,
+        },
+    }
+    assert list(report["groups"]) == sorted(report["groups"])
+    assert report["categories"] == {
+        "HighlyKnown": 2,
+        "MaybeKnown": 1,
+        "WeaklyKnown": 1,
+        "Unknown": 3,
+    }
+    assert [c["id"] for c in report["conflicts"]] == ["b", "f"]
+
+
+# --- the page as served -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def client(api: FastAPI) -> Iterator[TestClient]:
+    with TestClient(api) as client:
+        yield client
+
+
+def test_report_page_waits_for_the_job(client: TestClient, session: Session) -> None:
+    job_id = insert_audited_job(session)
+    job = session.get_one(Job, job_id)
+    job.status, job.report, job.finished_at = JobStatus.RUNNING, None, None
+    session.commit()
+    response = client.get(f"/v1/jobs/{job_id}/report.html")
+    assert response.status_code == 409
+    assert "running" in response.json()["detail"]
+    assert client.get(f"/v1/jobs/{uuid.uuid4()}/report.html").status_code == 404
+
+
+def test_report_page_shows_the_audit(client: TestClient, session: Session) -> None:
+    job_id = insert_audited_job(session)
+    links = client.get(f"/v1/jobs/{job_id}").json()["links"]
+    assert links["report_html"] == f"/v1/jobs/{job_id}/report.html"
+
+    response = client.get(links["report_html"])
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    page = response.text
+    for href in (links["report"], links["self"], f"{links['examples']}?flagged=true"):
+        assert f'href="{href}"' in page
+    assert f'href="{links["export"]}?policy=suggested"' in page
+    assert "zorvania-facts.jsonl" in page and "tiny-student" in page
+    assert "3 · 42.9%" in page and "2 · 28.6%" in page  # Unknown, HighlyKnown
+    for group in ("P36", "P131", "P112", "(no group)"):
+        assert f'">{group}</td>' in page
+    assert "Marr &amp; Co" in page  # a conflict and a flagged row, escaped
+    assert "Bo Ek" in page and IDK in page
+    assert "relabel_student" in page and "relabel_idk" in page
+    assert "Capital of Zorvania?" not in page  # not flagged, not a conflict
+    assert "<script>alert" not in page
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; Where is Tarn?" in page
+
+
+def test_report_page_caps_the_flagged_rows(
+    client: TestClient, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = insert_audited_job(session)
+    monkeypatch.setattr(service, "REPORT_PAGE_ROWS", 2)
+    page = client.get(f"/v1/jobs/{job_id}/report.html").text
+    assert "Showing the first 2 flagged examples; 1 more" in page
+    assert f'href="/v1/jobs/{job_id}/examples?flagged=true"' in page
+    assert [texts[0] for _, texts in Dom(page).tables["flagged-table"]] == ["b", "c"]
+
+
+def test_report_page_of_an_older_report(client: TestClient, session: Session) -> None:
+    """A report written before per-group counts still renders."""
+    job_id = insert_audited_job(session)
+    job = session.get_one(Job, job_id)
+    job.report = {"num_examples": 7, "flagged": 3}
+    session.commit()
+    response = client.get(f"/v1/jobs/{job_id}/report.html")
+    assert response.status_code == 200
+    assert "written before per-group counts" in response.text
+
+
+# --- the page in a browser --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def committed_job(db_engine: Engine) -> Iterator[uuid.UUID]:
+    """The audited job, committed so a server with its own sessions reads it; deleted after."""
+    with Session(db_engine) as session:
+        job_id = insert_audited_job(session)
+        dataset_id = session.get_one(Job, job_id).dataset_id
+    yield job_id
+    with Session(db_engine) as session:
+        session.execute(delete(Dataset).where(Dataset.id == dataset_id))
+        session.commit()
+
+
+@pytest.fixture
+def server_url(db_engine: Engine) -> Iterator[str]:
+    """The app served for real by uvicorn on a free localhost port."""
+    from app.db import session_scope
+    from app.main import create_app
+
+    sessions = sessionmaker(db_engine, expire_on_commit=False)
+
+    def request_session() -> Iterator[Session]:
+        with sessions() as session:
+            yield session
+
+    app = create_app()
+    app.dependency_overrides[session_scope] = request_session
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chromium'}",
+            "--window-size=1280,1600",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+class Dom(HTMLParser):
+    """What a dumped DOM shows: table body rows (hidden?, cell texts), bar labels, spans by id."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.tables: dict[str, list[tuple[bool, list[str]]]] = {}
+        self.bars: dict[str, str] = {}
+        self.spans: dict[str, str] = {}
+        self._rows: list[tuple[bool, list[str]]] | None = None
+        self._in_body = False
+        self._in_cell = False
+        self._bar: str | None = None
+        self._span: str | None = None
+        self.feed(html)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attr = dict(attrs)
+        if tag == "table":
+            self._rows = self.tables.setdefault(attr.get("id") or "", [])
+        elif tag in ("thead", "tbody"):
+            self._in_body = tag == "tbody"
+        elif tag == "tr" and self._rows is not None and self._in_body:
+            self._rows.append(("hidden" in attr, []))
+        elif tag == "td" and self._rows and self._in_body:
+            self._rows[-1][1].append("")
+            self._in_cell = True
+        elif tag == "g" and attr.get("data-category"):
+            self._bar = attr["data-category"]
+            self.bars[self._bar or ""] = ""
+        elif tag == "span" and attr.get("id"):
+            self._span = attr["id"]
+            self.spans[self._span or ""] = ""
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "table":
+            self._rows, self._in_body = None, False
+        elif tag == "td":
+            self._in_cell = False
+        elif tag == "g":
+            self._bar = None
+        elif tag == "span":
+            self._span = None
+
+    def handle_data(self, data: str) -> None:
+        if self._rows and self._in_cell:
+            self._rows[-1][1][-1] += data
+        if self._bar is not None:
+            self.bars[self._bar] += data
+        if self._span is not None:
+            self.spans[self._span] += data
+
+
+def cells(rows: list[tuple[bool, list[str]]]) -> list[list[str]]:
+    return [[" ".join(text.split()) for text in texts] for _, texts in rows]
+
+
+def test_report_page_in_a_browser(
+    tmp_path: Path, server_url: str, committed_job: uuid.UUID
+) -> None:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: apt-get install -y chromium")
+    url = f"{server_url}/v1/jobs/{committed_job}/report.html"
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "report_page.png"
+    screenshot.unlink(missing_ok=True)
+    chromium(tmp_path, f"--screenshot={screenshot}", url)
+    png = screenshot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) == (1280, 1600)
+    assert len(png) > 40_000  # a blank or error page compresses to a few kB
+
+    # The DOM after the scripts ran, with the search box filled from ?q=.
+    dom = Dom(chromium(tmp_path, "--dump-dom", f"{url}?q=tarn").stdout)
+    assert {k: " ".join(v.split()) for k, v in dom.bars.items()} == {
+        "HighlyKnown": "HighlyKnown 2 · 28.6%",
+        "MaybeKnown": "MaybeKnown 1 · 14.3%",
+        "WeaklyKnown": "WeaklyKnown 1 · 14.3%",
+        "Unknown": "Unknown 3 · 42.9%",
+    }
+    groups = cells(dom.tables["group-table"])
+    assert [row[:2] for row in groups] == [
+        ["P36", "3"],
+        ["P131", "2"],
+        ["(no group)", "1"],
+        ["P112", "1"],
+    ]
+    assert groups[0][2:8] == ["1", "1", "0", "1", "1", "33.3%"]
+
+    flagged = dom.tables["flagged-table"]
+    assert [(hidden, texts[0]) for hidden, texts in flagged] == [
+        (True, "b"),
+        (False, "c"),
+        (True, "f"),
+    ]
+    assert cells(flagged)[1] == [
+        "c", "P131", SCRIPT_QUESTION, "Lutz", "Vark", "30%", "Unknown", "relabel_idk", IDK,
+    ]  # fmt: skip
+    assert cells(flagged)[0][-2:] == ["relabel_student", "Bo Ek"]
+    assert dom.spans["flagged-count"] == "1 of 3 rows"
+    assert dom.spans["conflict-count"] == "2 of 2 rows"
+    assert [row[0] for row in cells(dom.tables["conflict-table"])] == ["b", "f"]
