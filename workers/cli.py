@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -133,7 +134,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ.update(KMA_DATABASE_URL=database_url, KMA_BROKER_URL=broker_url)
         get_settings.cache_clear()
         migrate(database_url)
-        worker = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker"])
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "worker"], preexec_fn=die_with_parent
+        )
+        # uvicorn ends by raising the signal that stopped it again; for SIGTERM that would kill
+        # this process before the cleanup below, leaving the worker and the embedded servers.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
         try:
             uvicorn.run("app.main:app", host=args.host, port=args.port, log_config=None)
         finally:
@@ -143,6 +149,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 worker.kill()
     return EXIT_OK
+
+
+def die_with_parent() -> None:
+    """In a child process: have Linux end it if its parent dies, even by SIGKILL."""
+    if sys.platform == "linux":
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6").prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def cmd_api(args: argparse.Namespace) -> int:
