@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from app.db import migrate  # noqa: E402
 from app.embedded import ensure_database, start_postgres, start_redis, stop_redis  # noqa: E402
+from workers.cli import free_port, stop_process, wait_until_ready  # noqa: E402
 
 SOURCE = REPO.parent / "shared" / "data" / "entityquestions"
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -142,13 +142,6 @@ def purge_job_messages(broker_url: str, job_id: str) -> int:
     return removed
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class MemorySampler:
     """Polls a process's RSS in a thread and keeps the maximum seen in each phase."""
 
@@ -203,24 +196,10 @@ def api_process(
             [*command, str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
         )
     try:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"the API exited with status {server.returncode}; {log_path}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the API was not ready after {READY_TIMEOUT:.0f} s")
-            time.sleep(0.2)
+        wait_until_ready(f"{base_url}/readyz", server, READY_TIMEOUT)
         yield server, base_url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)
 
 
 @dataclass

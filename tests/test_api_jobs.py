@@ -103,11 +103,8 @@ def set_status(session: Session, job_id: str, status: JobStatus, **values: Any) 
     return job
 
 
-@pytest.fixture
-def audited(client: TestClient, session: Session, dataset_id: str) -> str:
-    """A running job with verdicts for four of its five examples, as a worker writes them."""
-    job_id = submit(client, dataset_id, config={"idk_text": IDK})["id"]
-    set_status(session, job_id, JobStatus.RUNNING, started_at=utcnow() - timedelta(seconds=100))
+def add_verdicts(session: Session, job_id: str, audits: list[Audit]) -> None:
+    """Verdicts for the job's first examples, in order, as a worker writes them."""
     session.add_all(
         Verdict(
             job_id=uuid.UUID(job_id),
@@ -118,8 +115,16 @@ def audited(client: TestClient, session: Session, dataset_id: str) -> str:
             audit=a.model_dump(mode="json"),
             answers={},
         )
-        for position, a in enumerate(AUDITS)
+        for position, a in enumerate(audits)
     )
+
+
+@pytest.fixture
+def audited(client: TestClient, session: Session, dataset_id: str) -> str:
+    """A running job with verdicts for four of its five examples, as a worker writes them."""
+    job_id = submit(client, dataset_id, config={"idk_text": IDK})["id"]
+    set_status(session, job_id, JobStatus.RUNNING, started_at=utcnow() - timedelta(seconds=100))
+    add_verdicts(session, job_id, AUDITS)
     session.add_all(
         Chunk(
             job_id=uuid.UUID(job_id),

@@ -27,11 +27,11 @@ from app.datasets.domain import (
     parse_record,
     with_answer,
 )
-from app.models import Dataset, Job, JobStatus, Verdict, utcnow
+from app.models import Dataset, Job, JobStatus, utcnow
 from app.models import Example as ExampleRow
 from app.queue import get_queue
 from app.settings import Settings, get_settings
-from tests.test_api_jobs import IDK, Recorder, audit, set_status, submit
+from tests.test_api_jobs import IDK, Recorder, add_verdicts, audit, set_status, submit
 from tests.test_jobs import Recorder as TaskRecorder
 from tests.test_jobs import knows_even_numbers, run_all
 from workers.engines.base import GenerationRequest, GenerationResult
@@ -408,18 +408,7 @@ def audited_job(client: TestClient, session: Session, record_format: str, form: 
     assert response.status_code == 201, response.text
     assert response.json()["format"] == record_format
     job_id = submit(client, response.json()["id"], config={"idk_text": IDK})["id"]
-    session.add_all(
-        Verdict(
-            job_id=uuid.UUID(job_id),
-            position=position,
-            category=a.category.value,
-            flagged=a.flagged,
-            conflict=False,
-            audit=a.model_dump(mode="json"),
-            answers={},
-        )
-        for position, a in enumerate(AUDITS)
-    )
+    add_verdicts(session, job_id, AUDITS)
     set_status(session, job_id, JobStatus.SUCCEEDED, finished_at=utcnow())
     return job_id
 

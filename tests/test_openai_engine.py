@@ -24,7 +24,7 @@ from app.audit.domain import build_prompts, clean_answer, draw_exemplar_sets
 from app.audit.schemas import AuditConfig
 from app.jobs.schemas import Student
 from app.settings import get_settings
-from workers.cli import free_port
+from workers.cli import free_port, wait_until_ready
 from workers.engines import load_engine
 from workers.engines.base import GenerationRequest, GenerationResult, SamplingOptions
 from workers.engines.openai import CompletionServerError, OpenAIEngine
@@ -221,18 +221,7 @@ def vllm_server(model: Path, log_path: Path, timeout: float = 240) -> Iterator[s
             start_new_session=True,  # its own process group: the engine core goes with it
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {server.returncode}; see {log_path}")
-            try:
-                if httpx.get(f"{base_url}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"vllm serve not up after {timeout:.0f} s; see {log_path}")
-            time.sleep(1)
+        wait_until_ready(f"{base_url}/models", server, timeout)
         yield base_url
     finally:
         server.terminate()

@@ -23,7 +23,7 @@ import redis
 
 from app.client import Client
 from app.webhooks import SIGNATURE_HEADER, verify
-from workers.cli import free_port, wait_until_ready
+from workers.cli import free_port, stop_process, wait_until_ready
 from workers.tiny_student import write_dataset
 
 pytestmark = pytest.mark.slow
@@ -34,15 +34,6 @@ def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
         return subprocess.Popen(
             [sys.executable, "-m", "workers.cli", *args], env=env, stdout=out, stderr=out
         )
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def clean_env(**values: str) -> dict[str, str]:
@@ -97,10 +88,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = start(["serve", "--port", str(port)], env, data_dir / "log")
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_ready(url, server, timeout=180)
+        wait_until_ready(f"{url}/readyz", server, timeout=180)
         yield url
     finally:
-        stop(server)
+        stop_process(server, timeout=60)
         print((data_dir / "log").read_text()[-3000:])
 
 
@@ -184,7 +175,7 @@ def test_a_worker_killed_mid_job_loses_nothing(
     worker = start(["worker", "--hostname", "first@%h"], env, tmp_path / "worker1.log")
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_ready(url, api, timeout=60)
+        wait_until_ready(f"{url}/readyz", api, timeout=60)
         client = Client(url)
         path = tmp_path / "teacher.jsonl"
         write_dataset(path, n_trained=24, n_unseen=16)
@@ -207,8 +198,8 @@ def test_a_worker_killed_mid_job_loses_nothing(
         assert job["status"] == "succeeded", job
         assert job["progress"]["done"] == 40
     finally:
-        stop(worker)
-        stop(api)
+        stop_process(worker, timeout=60)
+        stop_process(api, timeout=60)
 
     with psycopg.connect(database_url) as conn:
         rows = conn.execute(

@@ -143,11 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         try:
             uvicorn.run("app.main:app", host=args.host, port=args.port, log_config=None)
         finally:
-            worker.terminate()
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            stop_process(worker)
     return EXIT_OK
 
 
@@ -197,7 +193,8 @@ def free_port() -> int:
         return port
 
 
-def wait_until_ready(url: str, server: subprocess.Popen[bytes], timeout: float) -> None:
+def wait_until_ready(probe_url: str, server: subprocess.Popen[bytes], timeout: float) -> None:
+    """Poll `probe_url` until it answers 200, failing early if the server process exits."""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -205,12 +202,22 @@ def wait_until_ready(url: str, server: subprocess.Popen[bytes], timeout: float) 
         if server.poll() is not None:
             raise RuntimeError(f"the server exited with status {server.returncode}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(probe_url, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"the server was not ready after {timeout:.0f} s")
+    raise TimeoutError(f"{probe_url} did not answer 200 within {timeout:.0f} s")
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not ended within `timeout` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -239,7 +246,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             env={**os.environ, "KMA_CHUNK_SIZE": os.environ.get("KMA_CHUNK_SIZE", "10")},
         )
     try:
-        wait_until_ready(url, server, timeout=180)
+        wait_until_ready(f"{url}/readyz", server, timeout=180)
         client = Client(url)
         dataset = client.upload_dataset(dataset_path, name="demo teacher dataset")
         print(f"3/4 uploaded {dataset['num_examples']} examples; auditing", file=sys.stderr)
@@ -258,8 +265,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  curl -o filtered.jsonl '{url.rsplit(':', 1)[0]}:8000/v1/jobs/{job['id']}/export'")
         return EXIT_OK
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        stop_process(server, timeout=60)
 
 
 def build_parser() -> argparse.ArgumentParser:
