@@ -52,11 +52,12 @@ def follow(client: Client, job: dict[str, Any], poll_seconds: float = 1.0) -> di
 
         def show(state: dict[str, Any]) -> None:
             progress = state["progress"]
-            bar.set_description(state["status"])
             counts = {k: v for k, v in progress["categories"].items() if v}
             eta = state.get("eta_seconds")
-            bar.set_postfix(counts | ({"eta": f"{eta:.0f}s"} if eta is not None else {}))
+            bar.set_description(state["status"], refresh=False)
+            bar.set_postfix(counts | ({"eta": f"{eta:.0f}s"} if eta is not None else {}), False)
             bar.update(progress["done"] - bar.n)
+            bar.refresh()
 
         return client.wait(job["id"], poll_seconds=poll_seconds, on_progress=show)
 
@@ -73,7 +74,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from workers.cli import parse_options
 
     client = Client(args.server)
-    student = {"model": args.student, "engine": args.engine}
+    # A folder here is named by its absolute path: the workers do not share this directory.
+    model = str(Path(args.student).resolve()) if Path(args.student).exists() else args.student
+    student = {"model": model, "engine": args.engine}
     if args.revision:
         student["revision"] = args.revision
     dataset = client.upload_dataset(args.file, format=args.format, name=args.name)
