@@ -25,6 +25,7 @@ from app.audit.domain import (
 from app.audit.schemas import Audit, AuditConfig
 from app.datasets import service as datasets_service
 from app.datasets.domain import Example, parse_record
+from app.jobs import repository as jobs_repository
 from app.models import ChunkStatus, Job, JobStatus, utcnow
 from app.models import Example as ExampleRow
 from app.queue import RUN_CHUNK, SEND_WEBHOOK, Queue
@@ -134,7 +135,7 @@ def finalize_job(session: Session, job_id: uuid.UUID, queue: Queue) -> None:
     for verdict_row, example_row in repository.iter_verdicts(session, job_id):
         examples.append(to_example(example_row, record_format))
         verdicts.append(Verdict(Audit.model_validate(verdict_row.audit), verdict_row.conflict))
-    new, cached = repository.generation_counts(session, job_id)
+    new, cached = jobs_repository.generation_totals(session, [job_id]).get(job_id, (0, 0))
     job.status = JobStatus.SUCCEEDED
     job.finished_at = utcnow()
     job.report = {

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -88,16 +88,6 @@ def iter_verdicts(session: Session, job_id: uuid.UUID) -> Iterator[tuple[Verdict
     )
     for row in session.execute(query):
         yield row[0], row[1]
-
-
-def generation_counts(session: Session, job_id: uuid.UUID) -> tuple[int, int]:
-    new, cached = session.execute(
-        select(
-            func.coalesce(func.sum(Chunk.generations), 0),
-            func.coalesce(func.sum(Chunk.cached_generations), 0),
-        ).where(Chunk.job_id == job_id)
-    ).one()
-    return int(new), int(cached)
 
 
 def mark_failed(session: Session, job_id: uuid.UUID, error: str) -> Job | None:
