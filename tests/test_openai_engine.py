@@ -86,6 +86,41 @@ def test_every_sampling_field_is_sent() -> None:
     assert headers[0]["authorization"] == "Bearer secret"
 
 
+def test_chat_requests_go_to_chat_completions_with_every_sampling_field() -> None:
+    bodies: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.method == "POST" and str(request.url) == f"{BASE_URL}/chat/completions"
+        bodies.append(json.loads(request.content))
+        choices = [
+            {"index": 1, "message": {"role": "assistant", "content": "Blai\nQ:"}},
+            {"index": 0, "message": {"role": "assistant", "content": "Zorv"}},
+        ]
+        return httpx.Response(200, json={"choices": choices})
+
+    options = SamplingOptions(n=2, temperature=0.7, top_k=20, top_p=0.9, max_tokens=16, chat=True)
+    with mock_engine(handler) as engine:
+        [result] = engine.generate([GenerationRequest("Q: x\nA:", options)])
+    assert result.texts == ["Zorv", "Blai"]
+    assert bodies == [
+        {
+            "model": "student",
+            "messages": [{"role": "user", "content": "Q: x\nA:"}],
+            "n": 2,
+            "temperature": 0.7,
+            "top_k": 20,
+            "top_p": 0.9,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "max_tokens": 16,
+            "stop": ["\n"],
+            "stream": False,
+        }
+    ]
+
+
 def test_order_is_kept_with_many_requests_in_flight() -> None:
     in_flight, most_in_flight, finished = 0, 0, []
 

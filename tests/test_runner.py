@@ -74,6 +74,16 @@ def test_every_sampling_field_is_passed() -> None:
     )
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_the_chat_template_option_reaches_every_request(chat: bool) -> None:
+    examples = world(3)
+    config = AuditConfig(chat_template=chat)
+    engine = FakeEngine(student)
+    audit_batch(examples, draw_exemplar_sets(examples, config), engine, config)
+    assert len(engine.calls) > 1
+    assert all(r.options.chat is chat for call in engine.calls for r in call)
+
+
 def test_an_engine_that_returns_too_few_samples_is_an_error() -> None:
     examples = world(3)
     config = AuditConfig()

@@ -65,7 +65,12 @@ class BatchResult:
 
 def greedy_options(config: AuditConfig) -> SamplingOptions:
     return SamplingOptions(
-        n=1, temperature=0.0, top_k=-1, top_p=1.0, max_tokens=config.max_new_tokens
+        n=1,
+        temperature=0.0,
+        top_k=-1,
+        top_p=1.0,
+        max_tokens=config.max_new_tokens,
+        chat=config.chat_template,
     )
 
 
@@ -76,6 +81,7 @@ def sample_options(config: AuditConfig, n: int) -> SamplingOptions:
         top_k=config.top_k,
         top_p=config.top_p,
         max_tokens=config.max_new_tokens,
+        chat=config.chat_template,
     )
 
 

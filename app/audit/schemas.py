@@ -73,6 +73,11 @@ class AuditConfig(BaseModel):
     idk_text: str = Field("I don't know.", min_length=1)
     seed: int = Field(0, description="Draws the exemplar sets.")
     prompt: PromptTemplate = PromptTemplate()
+    chat_template: bool = Field(
+        False,
+        description="Wrap each few-shot prompt as one user message in the student's chat "
+        "template, for chat-tuned students.",
+    )
 
     @field_validator("top_k")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,8 @@ class SamplingOptions:
     top_p: float = 1.0
     max_tokens: int = 32
     stop: tuple[str, ...] = ("\n",)
+    chat: bool = False
+    """Wrap the prompt as one user message in the model's chat template."""
 
     @property
     def greedy(self) -> bool:
@@ -59,3 +61,20 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
         if i != -1:
             cut = min(cut, i)
     return text[:cut]
+
+
+def render_chat(tokenizer: Any, prompt: str, model_id: str) -> str:
+    """The prompt as one user message in the tokenizer's chat template, ready for the answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"model {model_id} has no chat template; turn chat_template off")
+    rendered: str = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return rendered
+
+
+def starts_with_bos(tokenizer: Any, text: str) -> bool:
+    """Whether `text` already begins with the BOS token: a rendered chat template usually does,
+    and tokenizing it with special tokens would add a second."""
+    bos = tokenizer.bos_token
+    return bool(bos) and text.startswith(bos)

@@ -7,7 +7,14 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from workers.engines.base import GenerationRequest, GenerationResult, SamplingOptions, cut_at_stop
+from workers.engines.base import (
+    GenerationRequest,
+    GenerationResult,
+    SamplingOptions,
+    cut_at_stop,
+    render_chat,
+    starts_with_bos,
+)
 
 
 class HFEngine:
@@ -54,7 +61,13 @@ class HFEngine:
 
     @torch.inference_mode()
     def _generate(self, prompts: list[str], options: SamplingOptions) -> list[str]:
-        inputs = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        add_special_tokens = True
+        if options.chat:
+            prompts = [render_chat(self.tokenizer, p, self.model_id) for p in prompts]
+            add_special_tokens = not all(starts_with_bos(self.tokenizer, p) for p in prompts)
+        inputs = self.tokenizer(
+            prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
+        ).to(self.device)
         config = GenerationConfig(
             do_sample=not options.greedy,
             num_return_sequences=options.n,

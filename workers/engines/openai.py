@@ -39,6 +39,7 @@ class OpenAIEngine:
         self.model_id = f"{model}@{revision}" if revision else model
         self.model = model
         self.url = base_url.rstrip("/") + "/completions"
+        self.chat_url = base_url.rstrip("/") + "/chat/completions"
         self.max_in_flight = max_in_flight
         self.attempts = attempts
         self.backoff_seconds = backoff_seconds
@@ -83,9 +84,8 @@ class OpenAIEngine:
         # Every sampling field explicitly: the server's defaults (and the model's
         # generation_config.json, which `vllm serve` applies by default) must not leak in. No
         # seed per request: it breaks vLLM's CPU sampler, and the server has its own.
-        body = {
+        body: dict[str, Any] = {
             "model": self.model,
-            "prompt": request.prompt,
             "n": options.n,
             "temperature": options.temperature,
             "top_k": options.top_k,
@@ -98,19 +98,26 @@ class OpenAIEngine:
             "stop": list(options.stop),
             "stream": False,
         }
-        data = await self._post(body)
+        if options.chat:
+            url = self.chat_url
+            body["messages"] = [{"role": "user", "content": request.prompt}]
+        else:
+            url = self.url
+            body["prompt"] = request.prompt
+        data = await self._post(url, body)
         choices = sorted(data.get("choices") or [], key=lambda c: int(c["index"]))
         if len(choices) != options.n:
             raise CompletionServerError(
-                f"POST {self.url}: {len(choices)} choices for n={options.n}: {str(data)[:500]}"
+                f"POST {url}: {len(choices)} choices for n={options.n}: {str(data)[:500]}"
             )
-        return GenerationResult([cut_at_stop(c["text"], options.stop) for c in choices])
+        texts = [c["message"]["content"] if options.chat else c["text"] for c in choices]
+        return GenerationResult([cut_at_stop(t, options.stop) for t in texts])
 
-    async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
         """The response's JSON; connection errors, 429 and 5xx are retried with doubling waits."""
         for attempt in range(1, self.attempts + 1):
             try:
-                response = await self._client.post(self.url, json=body)
+                response = await self._client.post(url, json=body)
             except httpx.TransportError as exc:
                 failure = f"{type(exc).__name__}: {exc}"
             else:
@@ -119,7 +126,7 @@ class OpenAIEngine:
                     return data
                 failure = f"{response.status_code} {response.text[:1000]}"
                 if response.status_code not in RETRY_STATUSES:
-                    raise CompletionServerError(f"POST {self.url}: {failure}")
+                    raise CompletionServerError(f"POST {url}: {failure}")
             if attempt < self.attempts:
                 await asyncio.sleep(min(self.backoff_seconds * 2 ** (attempt - 1), 30.0))
-        raise CompletionServerError(f"POST {self.url}: {failure} (after {self.attempts} attempts)")
+        raise CompletionServerError(f"POST {url}: {failure} (after {self.attempts} attempts)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from workers.engines.base import GenerationRequest, GenerationResult
+from workers.engines.base import GenerationRequest, GenerationResult, render_chat, starts_with_bos
 
 
 def vllm_available() -> bool:
@@ -67,5 +67,17 @@ class VLLMEngine:
             )
             for r in requests
         ]
-        outputs = self.llm.generate([r.prompt for r in requests], params, use_tqdm=False)
+        outputs = self.llm.generate([self._prompt(r) for r in requests], params, use_tqdm=False)
         return [GenerationResult([c.text for c in out.outputs]) for out in outputs]
+
+    def _prompt(self, request: GenerationRequest) -> Any:
+        """The prompt text, or for chat its rendered template as token ids: tokenized here so
+        a template that already starts with BOS does not get a second."""
+        if not request.options.chat:
+            return request.prompt
+        from vllm.inputs import TokensPrompt
+
+        tokenizer = self.llm.get_tokenizer()
+        text = render_chat(tokenizer, request.prompt, self.model_id)
+        ids = tokenizer.encode(text, add_special_tokens=not starts_with_bos(tokenizer, text))
+        return TokensPrompt(prompt_token_ids=ids)

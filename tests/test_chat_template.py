@@ -1,0 +1,96 @@
+"""The chat_template option: requests carry it, the cache keeps it apart, and the HF engine
+renders the tiny student's chat template (or refuses a student that has none)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from transformers import AutoTokenizer
+
+from workers.engines.base import GenerationRequest, SamplingOptions, render_chat, starts_with_bos
+from workers.engines.cached import cache_key
+
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+PROMPT = "Q: Who wrote Hamlet?\nA: Shakespeare\n\nQ: Who wrote Faust?\nA:"
+
+
+@pytest.fixture
+def chat_student(student_dir: Path, tmp_path: Path) -> Path:
+    """The tiny student with a chat template added to its tokenizer_config.json."""
+    folder = tmp_path / "chat-student"
+    shutil.copytree(student_dir, folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = TEMPLATE
+    config_path.write_text(json.dumps(config))
+    return folder
+
+
+def test_chat_and_plain_requests_are_cached_apart() -> None:
+    plain = GenerationRequest(PROMPT, SamplingOptions())
+    chat = GenerationRequest(PROMPT, SamplingOptions(chat=True))
+    assert cache_key("student", plain) != cache_key("student", chat)
+
+
+def test_the_prompt_is_rendered_as_one_user_message(chat_student: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(chat_student)
+    rendered = render_chat(tokenizer, PROMPT, "chat-student")
+    assert rendered == f"<s><|user|>{PROMPT}<|assistant|>"
+    assert starts_with_bos(tokenizer, rendered)
+
+
+def test_a_student_without_a_chat_template_is_refused(student_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    with pytest.raises(ValueError, match="model tiny has no chat template; turn chat_template off"):
+        render_chat(tokenizer, PROMPT, "tiny")
+
+
+@pytest.mark.slow
+def test_the_hf_engine_generates_from_the_rendered_template(chat_student: Path) -> None:
+    from workers.engines.hf import HFEngine
+
+    engine = HFEngine(str(chat_student), device="cpu")
+    seen: list[list[int]] = []
+    generate = engine.model.generate
+
+    def spy(**kwargs: Any) -> Any:
+        seen.extend(kwargs["input_ids"].tolist())
+        return generate(**kwargs)
+
+    engine.model.generate = spy
+    try:
+        greedy = SamplingOptions(chat=True, max_tokens=4)
+        sampled = SamplingOptions(n=3, temperature=0.7, top_k=20, chat=True, max_tokens=4)
+        requests = [
+            GenerationRequest(PROMPT, greedy),
+            GenerationRequest("Q: x\nA:", greedy),
+            GenerationRequest(PROMPT, sampled),
+        ]
+        results = engine.generate(requests)
+    finally:
+        engine.close()
+    assert [len(r.texts) for r in results] == [1, 1, 3]
+    tokenizer = engine.tokenizer
+    expected = tokenizer(f"<s><|user|>{PROMPT}<|assistant|>", add_special_tokens=False)
+    assert expected["input_ids"][0] == tokenizer.bos_token_id
+    assert expected["input_ids"] in seen  # one BOS: the template's
+    assert all(ids.count(tokenizer.bos_token_id) == 1 for ids in seen)
+
+
+@pytest.mark.slow
+def test_the_hf_engine_refuses_chat_for_a_student_without_a_template(student_dir: Path) -> None:
+    from workers.engines.hf import HFEngine
+
+    engine = HFEngine(str(student_dir), device="cpu")
+    try:
+        with pytest.raises(ValueError, match="has no chat template; turn chat_template off"):
+            engine.generate([GenerationRequest(PROMPT, SamplingOptions(chat=True))])
+    finally:
+        engine.close()
