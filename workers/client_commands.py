@@ -147,15 +147,19 @@ def add_client_commands(commands: Any) -> None:
         help="the kma server (default: $KMA_SERVER_URL or http://127.0.0.1:8000)",
     )
     epilog = __doc__.split("\n\n", 1)[1] if __doc__ else None
-    formatter = argparse.RawDescriptionHelpFormatter
 
-    submit = commands.add_parser(
-        "submit",
-        parents=[server],
-        help="upload a dataset and start an audit on a server",
-        epilog=epilog,
-        formatter_class=formatter,
-    )
+    def add(name: str, command: Any, help: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = commands.add_parser(
+            name,
+            parents=[server],
+            help=help,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        parser.set_defaults(run=lambda args: run(command, args))
+        return parser
+
+    submit = add("submit", cmd_submit, "upload a dataset and start an audit on a server")
     submit.add_argument("file", help="teacher dataset, JSONL")
     submit.add_argument("--student", required=True, help="model name or path on the workers")
     submit.add_argument("--engine", default="auto", help="auto, hf, vllm or openai")
@@ -165,29 +169,14 @@ def add_client_commands(commands: Any) -> None:
     submit.add_argument("--config", action="append", default=[], metavar="KEY=VALUE")
     submit.add_argument("--webhook-url", help="POSTed the job's JSON when it ends")
     submit.add_argument("--wait", action="store_true", help="follow the job to its end")
-    submit.set_defaults(run=lambda a: run(cmd_submit, a))
 
-    status = commands.add_parser(
-        "status",
-        parents=[server],
-        help="a job's state as JSON",
-        epilog=epilog,
-        formatter_class=formatter,
-    )
+    status = add("status", cmd_status, "a job's state as JSON")
     status.add_argument("job_id")
     status.add_argument("--wait", action="store_true", help="follow the job to its end first")
-    status.set_defaults(run=lambda a: run(cmd_status, a))
 
-    download = commands.add_parser(
-        "download",
-        parents=[server],
-        help="download a job's dataset",
-        epilog=epilog,
-        formatter_class=formatter,
-    )
+    download = add("download", cmd_download, "download a job's dataset")
     download.add_argument("job_id")
     download.add_argument(
         "--policy", default="suggested", help="suggested, drop, idk, student or annotate"
     )
     download.add_argument("-o", "--output", help="file (default: JOB_ID.POLICY.jsonl)")
-    download.set_defaults(run=lambda a: run(cmd_download, a))
