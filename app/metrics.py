@@ -18,10 +18,9 @@ from sqlalchemy.orm import Session
 
 from app.deps import SessionDep, SettingsDep
 from app.models import Chunk, Job, JobStatus, Verdict
+from app.queue import WORK_QUEUE, redis_client
 
 router = APIRouter(tags=["health"])
-
-CELERY_QUEUE = "celery"
 
 
 class KmaCollector(Collector):
@@ -61,17 +60,15 @@ class KmaCollector(Collector):
             "kma_engine_seconds", "Seconds spent in engine calls.", value=seconds
         )
 
-        depth = GaugeMetricFamily("kma_queue_depth", "Tasks waiting in the broker.")
+        depth = GaugeMetricFamily("kma_queue_depth", "Work hints waiting in the broker.")
         depth.add_metric([], self.queue_depth())
         yield depth
 
     def queue_depth(self) -> float:
         if not self.broker_url:
             return float("nan")
-        url = self.broker_url.replace("redis+socket://", "unix://")
         try:
-            client = redis.Redis.from_url(url, socket_timeout=2)
-            return float(client.llen(CELERY_QUEUE))
+            return float(redis_client(self.broker_url).llen(WORK_QUEUE))
         except redis.RedisError:
             return float("nan")
 

@@ -19,8 +19,10 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    UniqueConstraint,
     Uuid,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSON, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -89,6 +91,8 @@ class Job(Base):
     student: Mapped[dict[str, Any]]
     config: Mapped[dict[str, Any]]
     webhook_url: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(Text)
+    """The client's `Idempotency-Key`: the same submission retried gives this job back."""
     total: Mapped[int] = mapped_column(Integer, default=0)
     exemplar_sets: Mapped[dict[str, Any] | None]
     report: Mapped[dict[str, Any] | None]
@@ -97,11 +101,18 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
-    __table_args__ = (Index("ix_job_created_at", "created_at"),)
+    __table_args__ = (
+        Index("ix_job_created_at", "created_at"),
+        UniqueConstraint("idempotency_key", name="uq_job_idempotency_key"),
+    )
 
 
 class Chunk(Base):
-    """A slice of a job's examples [start, stop): the unit of work of one task."""
+    """A slice of a job's examples [start, stop): the unit of work of one task.
+
+    A worker claims a pending chunk with a lease (`claimed_by`, `lease_expires_at`) that it
+    renews while it works; a chunk whose lease ran out is claimed again by another worker.
+    """
 
     __tablename__ = "chunk"
 
@@ -115,7 +126,12 @@ class Chunk(Base):
         Enum(ChunkStatus, name="chunk_status", values_callable=lambda e: [m.value for m in e]),
         default=ChunkStatus.PENDING,
     )
+    claimed_by: Mapped[str | None] = mapped_column(Text)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    """Times the chunk was claimed."""
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    """Runs that ended in an error that was not transient; the job fails at the limit."""
     generations: Mapped[int] = mapped_column(BigInteger, default=0)
     """Completions the engine made for this chunk; cache hits are counted apart."""
     cached_generations: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -123,6 +139,10 @@ class Chunk(Base):
     engine_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     seconds: Mapped[float | None] = mapped_column(Float)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_chunk_pending", "job_id", "index", postgresql_where=text("status = 'pending'")),
+    )
 
 
 class Verdict(Base):

@@ -23,10 +23,32 @@ class Settings(BaseSettings):
         None, description="Redis URL for Celery; unset: the embedded Redis under data_dir."
     )
     chunk_size: int = Field(256, ge=1, description="Examples per worker task.")
-    task_visibility_timeout: int = Field(
-        3600,
+    lease_seconds: float = Field(
+        60.0,
+        ge=2,
+        description="A worker's claim on a chunk; renewed while it works. A chunk whose worker "
+        "died is handed out again once its lease runs out.",
+    )
+    sweep_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="How often each worker looks for expired leases, jobs to finish and lost "
+        "tasks.",
+    )
+    engine_call_generations: int = Field(
+        1024,
         ge=1,
-        description="Seconds before a task taken by a worker that died is handed out again.",
+        description="Most completions asked of the engine in one call: between calls a worker "
+        "saves them to the cache and sees a cancel.",
+    )
+    max_chunk_failures: int = Field(
+        3, ge=1, description="Runs of a chunk ending in an unexpected error before the job fails."
+    )
+    transient_retry_seconds: float = Field(
+        120.0,
+        ge=0,
+        description="How long a worker retries a chunk in place after a lost database, broker "
+        "or engine server connection before leaving it to the lease.",
     )
     webhook_secret: str = Field("", description="Signs webhook bodies (HMAC-SHA256).")
     webhook_attempts: int = Field(8, ge=1, description="Deliveries tried before giving up.")

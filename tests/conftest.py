@@ -10,13 +10,14 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import make_engine, migrate
 from app.embedded import ensure_database, start_postgres, start_redis, stop_redis
@@ -46,17 +47,43 @@ def postgres_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
         server._cleanup()
 
 
-@pytest.fixture(scope="session")
-def database_url(postgres_admin_url: str) -> Iterator[str]:
-    """A fresh database with the real migrations applied, dropped after the session."""
+@contextmanager
+def fresh_database(admin_url: str) -> Iterator[str]:
+    """A new database with the real migrations applied, dropped on exit."""
     name = f"kma_test_{uuid.uuid4().hex[:12]}"
-    ensure_database(postgres_admin_url, name)
-    base, _, query = postgres_admin_url.partition("?")
+    ensure_database(admin_url, name)
+    base, _, query = admin_url.partition("?")
     url = base.rsplit("/", 1)[0] + f"/{name}" + (f"?{query}" if query else "")
     migrate(url)
-    yield url
-    with psycopg.connect(postgres_admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield url
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres_admin_url: str) -> Iterator[str]:
+    """A fresh database for the session's API and service tests."""
+    with fresh_database(postgres_admin_url) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def worker_engine(postgres_admin_url: str) -> Iterator[Engine]:
+    """A database of its own for worker tests, which commit and look at every job."""
+    with fresh_database(postgres_admin_url) as url:
+        engine = make_engine(url)
+        yield engine
+        engine.dispose()
+
+
+@pytest.fixture
+def sessions(worker_engine: Engine) -> sessionmaker[Session]:
+    """Sessions that really commit, on tables emptied before the test."""
+    with worker_engine.begin() as connection:
+        connection.execute(text("TRUNCATE dataset, job, generation CASCADE"))
+    return sessionmaker(worker_engine, expire_on_commit=False)
 
 
 @pytest.fixture(scope="session")

@@ -1,28 +1,46 @@
-"""A job's steps (plan, chunks, finalize) on the real database, with a scripted engine."""
+"""A job's steps (plan, claim, run, finalize, sweep) on the real database, with a scripted engine.
+
+These call the worker's steps directly, as its Celery task would; tests/test_faults.py does the
+same through real processes, with faults.
+"""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
+from app.audit.repository import claim_chunk
 from app.audit.schemas import AuditConfig
+from app.jobs import lifecycle
 from app.models import Chunk, Dataset, Example, Generation, Job, JobStatus, Verdict
-from app.queue import RUN_CHUNK
+from app.queue import WORK
+from app.settings import Settings
 from workers import jobs
-from workers.engines.base import GenerationRequest, GenerationResult
+from workers.engines.base import EngineUnavailable, GenerationRequest, GenerationResult
 from workers.engines.fake import FakeEngine
 
+REPO = Path(__file__).resolve().parent.parent
 
-class Recorder:
+
+class Hints:
+    """The queue as these tests see it: what was sent; its depth is the hints not yet taken."""
+
     def __init__(self) -> None:
         self.sent: list[tuple[str, tuple[Any, ...]]] = []
+        self.waiting = 0
 
     def send(self, task: str, *args: Any) -> None:
         self.sent.append((task, args))
+        self.waiting += task == WORK
+
+    def depth(self) -> int | None:
+        return self.waiting
 
 
 def knows_even_numbers(request: GenerationRequest) -> GenerationResult:
@@ -36,53 +54,77 @@ def engine() -> FakeEngine:
     return FakeEngine(knows_even_numbers)
 
 
-def make_job(session: Session, n: int, **config: Any) -> Job:
-    dataset = Dataset(name="numbers", format="qa", num_examples=n)
-    session.add(dataset)
-    session.flush()
-    session.add_all(
-        Example(
-            dataset_id=dataset.id,
-            position=i,
-            line=i + 1,
-            record_id=f"n{i}",
-            group="numbers",
-            raw={"id": f"n{i}", "question": f"What is number {i}?", "answer": str(i)},
+def make_worker(
+    sessions: sessionmaker[Session],
+    engine_for: Callable[[dict[str, Any]], Any],
+    name: str = "w1",
+    **settings: Any,
+) -> jobs.Worker:
+    return jobs.Worker(
+        name=name,
+        sessions=sessions,
+        engine_for=engine_for,
+        queue=Hints(),
+        settings=Settings(chunk_size=4, transient_retry_seconds=5, **settings),
+    )
+
+
+def make_job(sessions: sessionmaker[Session], n: int, **config: Any) -> uuid.UUID:
+    with sessions.begin() as session:
+        dataset = Dataset(name="numbers", format="qa", num_examples=n)
+        session.add(dataset)
+        session.flush()
+        session.add_all(
+            Example(
+                dataset_id=dataset.id,
+                position=i,
+                line=i + 1,
+                record_id=f"n{i}",
+                group="numbers",
+                raw={"id": f"n{i}", "question": f"What is number {i}?", "answer": str(i)},
+            )
+            for i in range(n)
         )
-        for i in range(n)
-    )
-    job = Job(
-        dataset_id=dataset.id,
-        student={"model": "fake", "engine": "hf"},
-        config=AuditConfig(**config).model_dump(mode="json"),
-        total=n,
-    )
-    session.add(job)
-    session.commit()
-    return job
+        job = Job(
+            dataset_id=dataset.id,
+            student={"model": "fake", "engine": "hf"},
+            config=AuditConfig(**config).model_dump(mode="json"),
+            total=n,
+        )
+        session.add(job)
+        session.flush()
+        return job.id
 
 
-def run_all(session: Session, job: Job, engine: FakeEngine, queue: Recorder) -> None:
-    jobs.plan_job(session, job.id, queue, chunk_size=4)
-    for task, (job_id, index) in list(queue.sent):
-        assert task == RUN_CHUNK
-        jobs.run_chunk(session, uuid.UUID(job_id), index, lambda student: engine, queue)
+def run_all(worker: jobs.Worker) -> int:
+    """Work until nothing is left; returns the units done."""
+    units = 0
+    while jobs.work_once(worker):
+        units += 1
+    return units
 
 
-def count(session: Session, model: type[Any], job_id: uuid.UUID) -> int:
-    return (
-        session.scalar(select(func.count()).select_from(model).where(model.job_id == job_id)) or 0
-    )
+def get_job(sessions: sessionmaker[Session], job_id: uuid.UUID) -> Job:
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
 
 
-def test_a_job_runs_to_success(session: Session, engine: FakeEngine) -> None:
-    job = make_job(session, 10)
-    queue = Recorder()
-    run_all(session, job, engine, queue)
-    assert [args for _, args in queue.sent] == [(str(job.id), i) for i in range(3)]
-    session.refresh(job)
+def count(sessions: sessionmaker[Session], model: type[Any], job_id: uuid.UUID) -> int:
+    with sessions() as session:
+        query = select(func.count()).select_from(model).where(model.job_id == job_id)
+        return session.scalar(query) or 0
+
+
+def test_a_job_runs_to_success(sessions: sessionmaker[Session], engine: FakeEngine) -> None:
+    job_id = make_job(sessions, 10)
+    worker = make_worker(sessions, lambda student: engine)
+    assert run_all(worker) == 1 + 3  # plan, then three chunks of at most 4
+    assert [task for task, _ in worker.queue.sent] == [WORK] * 3  # a hint per chunk
+    job = get_job(sessions, job_id)
     assert job.status == JobStatus.SUCCEEDED
-    assert count(session, Verdict, job.id) == 10
+    assert count(sessions, Verdict, job_id) == 10
     report = job.report
     assert report is not None
     assert report["categories"] == {
@@ -92,88 +134,266 @@ def test_a_job_runs_to_success(session: Session, engine: FakeEngine) -> None:
         "Unknown": 5,
     }
     assert report["flagged"] == 5
-    assert len(report["conflicts"]) == 5  # the fake answers 7777 every time
+    assert report["conflicts"] == 5  # the fake answers 7777 every time
     assert report["generations"] == report["generations_used"] == 5 * 10 + 5 * 170
 
 
-def test_a_second_identical_job_generates_nothing(session: Session, engine: FakeEngine) -> None:
-    first = make_job(session, 6)
-    run_all(session, first, engine, Recorder())
+def test_a_second_identical_job_generates_nothing(
+    sessions: sessionmaker[Session], engine: FakeEngine
+) -> None:
+    first = make_job(sessions, 6)
+    worker = make_worker(sessions, lambda student: engine)
+    run_all(worker)
     calls = len(engine.calls)
-    second = Job(dataset_id=first.dataset_id, student=first.student, config=first.config, total=6)
-    session.add(second)
-    session.commit()
-    run_all(session, second, engine, Recorder())
-    session.refresh(second)
+    with sessions.begin() as session:
+        job = get_job(sessions, first)
+        second = Job(dataset_id=job.dataset_id, student=job.student, config=job.config, total=6)
+        session.add(second)
+    run_all(worker)
     assert len(engine.calls) == calls
-    assert second.report is not None
-    assert second.report["generations"] == 0
-    assert second.report["generations_cached"] == second.report["generations_used"] > 0
-    assert second.report["categories"] == first.report["categories"]  # type: ignore[index]
+    done = get_job(sessions, second.id)
+    assert done.report is not None
+    assert done.report["generations"] == 0
+    assert done.report["generations_cached"] == done.report["generations_used"] > 0
+    assert done.report["categories"] == get_job(sessions, first).report["categories"]  # type: ignore[index]
 
 
-def test_a_chunk_run_twice_writes_each_verdict_once(session: Session, engine: FakeEngine) -> None:
-    job = make_job(session, 8)
-    queue = Recorder()
-    jobs.plan_job(session, job.id, queue, chunk_size=4)
-    jobs.run_chunk(session, job.id, 0, lambda s: engine, Recorder())
-    # The worker died after committing but before acknowledging: the chunk comes again.
-    jobs.run_chunk(session, job.id, 0, lambda s: engine, Recorder())
-    assert count(session, Verdict, job.id) == 4
-    jobs.run_chunk(session, job.id, 1, lambda s: engine, Recorder())
-    session.refresh(job)
-    assert job.status == JobStatus.SUCCEEDED
-    assert count(session, Verdict, job.id) == 8
+def test_a_chunk_run_twice_writes_each_verdict_once(
+    sessions: sessionmaker[Session], engine: FakeEngine
+) -> None:
+    job_id = make_job(sessions, 8)
+    worker = make_worker(sessions, lambda student: engine)
+    assert jobs.plan_next_job(worker)
+    with sessions.begin() as session:
+        chunk = claim_chunk(session, "w1", 60)
+    assert chunk is not None
+    jobs.run_chunk(worker, chunk)
+    # The worker died after committing, and its chunk came back to it.
+    jobs.run_chunk(worker, chunk)
+    assert count(sessions, Verdict, job_id) == 4
+    run_all(worker)
+    assert get_job(sessions, job_id).status == JobStatus.SUCCEEDED
+    assert count(sessions, Verdict, job_id) == 8
 
 
-def test_a_plan_run_twice_resends_pending_chunks_only(session: Session, engine: FakeEngine) -> None:
-    job = make_job(session, 8)
-    queue = Recorder()
-    jobs.plan_job(session, job.id, queue, chunk_size=4)
-    jobs.run_chunk(session, job.id, 0, lambda s: engine, Recorder())
-    again = Recorder()
-    jobs.plan_job(session, job.id, again, chunk_size=4)
-    assert [args for _, args in again.sent] == [(str(job.id), 1)]
-    assert count(session, Chunk, job.id) == 2
+def test_a_live_lease_keeps_a_chunk_and_an_expired_one_frees_it(
+    sessions: sessionmaker[Session], engine: FakeEngine
+) -> None:
+    job_id = make_job(sessions, 4)
+    worker = make_worker(sessions, lambda student: engine)
+    jobs.plan_next_job(worker)
+    with sessions.begin() as session:
+        assert claim_chunk(session, "dead", 60) is not None
+    with sessions.begin() as session:
+        assert claim_chunk(session, "w1", 60) is None  # held by a live lease
+    with sessions.begin() as session:  # ... until it runs out
+        session.execute(update(Chunk).values(lease_expires_at=func.now() - func.make_interval(0)))
+    assert run_all(worker) == 1
+    assert get_job(sessions, job_id).status == JobStatus.SUCCEEDED
+    with sessions() as session:
+        chunk = session.get(Chunk, (job_id, 0))
+        assert chunk is not None
+        assert (chunk.attempts, chunk.claimed_by) == (2, None)
 
 
-def test_a_cancelled_job_runs_no_more_chunks(session: Session, engine: FakeEngine) -> None:
-    job = make_job(session, 8)
-    jobs.plan_job(session, job.id, Recorder(), chunk_size=4)
-    jobs.run_chunk(session, job.id, 0, lambda s: engine, Recorder())
-    job.status = JobStatus.CANCELLED
-    session.commit()
-    calls = len(engine.calls)
-    jobs.run_chunk(session, job.id, 1, lambda s: engine, Recorder())
-    assert len(engine.calls) == calls
-    assert count(session, Verdict, job.id) == 4
-    session.refresh(job)
+def test_a_cancel_stops_the_chunk_between_engine_calls(sessions: sessionmaker[Session]) -> None:
+    job_id = make_job(sessions, 4, mode="full")
+    calls = 0
+
+    def cancel_on_first_call(request: GenerationRequest) -> GenerationResult:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            with sessions.begin() as session:
+                job = session.get(Job, job_id, with_for_update=True)
+                assert job is not None
+                lifecycle.cancel(job)
+        return knows_even_numbers(request)
+
+    engine = FakeEngine(cancel_on_first_call)
+    # One prompt per engine call: the runner looks at the job between every two.
+    worker = make_worker(sessions, lambda student: engine, engine_call_generations=1)
+    run_all(worker)
+    assert len(engine.calls) == 1
+    assert count(sessions, Verdict, job_id) == 0
+    job = get_job(sessions, job_id)
     assert job.status == JobStatus.CANCELLED
+    with sessions() as session:  # what the one call generated is kept for a later run
+        assert session.scalar(select(func.count()).select_from(Generation)) == 1
 
 
-def test_an_engine_error_fails_the_job(session: Session) -> None:
-    job = make_job(session, 4)
-    jobs.plan_job(session, job.id, Recorder(), chunk_size=4)
+def test_generations_are_committed_after_each_engine_call(
+    sessions: sessionmaker[Session],
+) -> None:
+    job_id = make_job(sessions, 4, mode="full")
+
+    def breaks_on_third_call(request: GenerationRequest) -> GenerationResult:
+        if len(engine.calls) == 3:
+            raise RuntimeError("the engine broke")
+        return knows_even_numbers(request)
+
+    engine = FakeEngine(breaks_on_third_call)
+    worker = make_worker(sessions, lambda student: engine, engine_call_generations=10)
+    assert jobs.plan_next_job(worker) and jobs.work_once(worker)
+    with sessions() as session:
+        assert (session.scalar(select(func.count()).select_from(Generation)) or 0) > 0
+        chunk = session.get(Chunk, (job_id, 0))
+        assert chunk is not None and chunk.failures == 1
+    paid_for = {(r.prompt, r.options) for call in engine.calls[:2] for r in call}
+    # The chunk runs again (by the hint it left), taking the first two calls from the cache.
+    before = len(engine.calls)
+    run_all(worker)
+    assert get_job(sessions, job_id).status == JobStatus.SUCCEEDED
+    asked_again = {(r.prompt, r.options) for call in engine.calls[before:] for r in call}
+    assert asked_again and not paid_for & asked_again
+
+
+def test_a_transient_engine_fault_is_retried_in_place(sessions: sessionmaker[Session]) -> None:
+    job_id = make_job(sessions, 4)
+    faults = 2
+
+    def unavailable_twice(request: GenerationRequest) -> GenerationResult:
+        nonlocal faults
+        if faults:
+            faults -= 1
+            raise EngineUnavailable("POST http://10.0.0.7:8000/v1/completions: 503")
+        return knows_even_numbers(request)
+
+    worker = make_worker(sessions, lambda student: FakeEngine(unavailable_twice))
+    run_all(worker)
+    job = get_job(sessions, job_id)
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    with sessions() as session:
+        chunk = session.get(Chunk, (job_id, 0))
+        assert chunk is not None and chunk.failures == 0
+
+
+def test_a_student_that_cannot_load_fails_the_job_with_a_clear_error(
+    sessions: sessionmaker[Session],
+) -> None:
+    job_id = make_job(sessions, 4)
 
     def broken(student: dict[str, Any]) -> FakeEngine:
-        raise OSError("no such model: fake")
+        raise OSError("/srv/models/secret-path: permission denied")
 
-    with pytest.raises(OSError):
-        jobs.run_chunk(session, job.id, 0, broken, Recorder())
-    jobs.fail_job(session, job.id, "chunk 0 failed: no such model: fake", Recorder())
-    session.refresh(job)
+    run_all(make_worker(sessions, broken))
+    job = get_job(sessions, job_id)
     assert job.status == JobStatus.FAILED
-    assert job.error == "chunk 0 failed: no such model: fake"
+    assert job.error == "the student model 'fake' could not be loaded by the hf engine"
     assert job.finished_at is not None
 
 
-def test_cached_generations_are_stored_by_model(session: Session, engine: FakeEngine) -> None:
-    job = make_job(session, 2)
-    run_all(session, job, engine, Recorder())
-    stored = session.scalar(
-        select(func.count()).select_from(Generation).where(Generation.model_id == "fake")
-    )
+def test_an_unexpected_error_fails_the_job_after_the_limit(
+    sessions: sessionmaker[Session],
+) -> None:
+    job_id = make_job(sessions, 4)
+
+    def buggy(request: GenerationRequest) -> GenerationResult:
+        raise KeyError("SELECT * FROM secret")
+
+    run_all(make_worker(sessions, lambda student: FakeEngine(buggy), max_chunk_failures=3))
+    job = get_job(sessions, job_id)
+    assert job.status == JobStatus.FAILED
+    assert job.error == "chunk 0 failed 3 times with an internal error (see the worker logs)"
+
+
+def test_the_sweeper_finishes_jobs_and_sends_missing_hints(
+    sessions: sessionmaker[Session], engine: FakeEngine
+) -> None:
+    worker = make_worker(sessions, lambda student: engine)
+    make_job(sessions, 4)
+    queued = make_job(sessions, 4)  # submitted while the broker was down: no hint
+    assert jobs.plan_next_job(worker)  # the first job is planned: one chunk, one hint
+    sweep = jobs.sweep(worker)
+    assert sweep is not None and (sweep.finalized, sweep.hinted) == (0, 1)  # the queued job
+    assert worker.queue.depth() == 2
+
+    # A job whose last worker died after writing its last chunk, before finishing the job.
+    with sessions.begin() as session:
+        chunk = claim_chunk(session, "w1", 60)
+    assert chunk is not None
+    jobs.run_chunk(worker, chunk)
+    sweep = jobs.sweep(worker)
+    assert sweep is not None and sweep.finalized == 1
+    run_all(worker)
+    assert get_job(sessions, queued).status == JobStatus.SUCCEEDED
+
+
+def test_a_cancelled_job_runs_no_more_chunks(
+    sessions: sessionmaker[Session], engine: FakeEngine
+) -> None:
+    job_id = make_job(sessions, 8)
+    worker = make_worker(sessions, lambda student: engine)
+    jobs.plan_next_job(worker)
+    assert jobs.work_once(worker)
+    with sessions.begin() as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        assert job is not None
+        lifecycle.cancel(job)
+    calls = len(engine.calls)
+    assert not jobs.work_once(worker)
+    assert len(engine.calls) == calls
+    assert count(sessions, Verdict, job_id) == 4
+    assert get_job(sessions, job_id).status == JobStatus.CANCELLED
+
+
+def test_cached_generations_are_stored_by_model(
+    sessions: sessionmaker[Session], engine: FakeEngine
+) -> None:
+    make_job(sessions, 2)
+    run_all(make_worker(sessions, lambda student: engine))
+    with sessions() as session:
+        stored = session.scalar(
+            select(func.count()).select_from(Generation).where(Generation.model_id == "fake")
+        )
     # With two examples, a question's ten prompts are all the same text (the other question as
     # its one exemplar), so the cache holds one entry per question for greedy, and one per
     # sampling round (three) for the question the student does not know.
     assert stored == 2 + 3
+
+
+# --- the state machine ------------------------------------------------------------------------
+
+Q, R, S, F, C = (
+    JobStatus.QUEUED,
+    JobStatus.RUNNING,
+    JobStatus.SUCCEEDED,
+    JobStatus.FAILED,
+    JobStatus.CANCELLED,
+)
+ALLOWED = {(Q, R), (Q, F), (Q, C), (R, S), (R, F), (R, C)}
+
+
+@pytest.mark.parametrize("current", list(JobStatus))
+@pytest.mark.parametrize("target", list(JobStatus))
+def test_transitions_table(current: JobStatus, target: JobStatus) -> None:
+    assert lifecycle.can_move(current, target) == ((current, target) in ALLOWED)
+    job = Job(id=uuid.uuid4(), status=current)
+    move = {
+        R: lifecycle.start,
+        S: lifecycle.succeed,
+        F: lambda job: lifecycle.fail(job, "broken"),
+        C: lifecycle.cancel,
+    }.get(target)
+    if move is None:
+        return  # nothing moves a job back to queued
+    if (current, target) in ALLOWED:
+        move(job)
+        assert job.status == target
+        assert (job.finished_at is not None) == target.finished
+    else:
+        with pytest.raises(lifecycle.InvalidTransition):
+            move(job)
+        assert job.status == current
+
+
+def test_no_module_but_the_state_machine_sets_a_status() -> None:
+    offenders = [
+        f"{path.relative_to(REPO)}:{number}"
+        for folder in ("app", "workers")
+        for path in (REPO / folder).rglob("*.py")
+        if path.name != "lifecycle.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "job.status =" in line or ".status = JobStatus" in line
+    ]
+    assert offenders == []

@@ -26,7 +26,12 @@ from app.jobs.schemas import Student
 from app.settings import get_settings
 from workers.cli import free_port, wait_until_ready
 from workers.engines import load_engine
-from workers.engines.base import GenerationRequest, GenerationResult, SamplingOptions
+from workers.engines.base import (
+    EngineUnavailable,
+    GenerationRequest,
+    GenerationResult,
+    SamplingOptions,
+)
 from workers.engines.openai import CompletionServerError, OpenAIEngine
 from workers.local_audit import read_dataset
 from workers.runner import greedy_options, sample_options
@@ -178,7 +183,7 @@ def test_gives_up_after_the_last_attempt() -> None:
         calls += 1
         return httpx.Response(429, text="slow down")
 
-    with mock_engine(handler, attempts=3) as engine, pytest.raises(CompletionServerError) as err:
+    with mock_engine(handler, attempts=3) as engine, pytest.raises(EngineUnavailable) as err:
         engine.generate([GenerationRequest("Q", SamplingOptions())])
     assert calls == 3
     assert "429 slow down (after 3 attempts)" in str(err.value)

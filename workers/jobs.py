@@ -1,35 +1,45 @@
-"""A job's steps as the worker runs them: plan it into chunks, audit a chunk, finalize.
+"""A job's steps as a worker runs them: plan a queued job, run a claimed chunk, finalize.
 
-Each step takes ids, does its work in one transaction and commits; each is safe to run twice
-(a task redelivered after its worker died). Celery calls these from `workers.tasks`.
+PostgreSQL is the source of truth for who does what: a worker claims a queued job (row lock,
+SKIP LOCKED) or a pending chunk (a lease it renews while it works), and a broker message is only
+a hint that there is work to claim. Each step holds the database for short transactions (claim,
+read, write) and none while the engine generates; each is safe to run twice.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.orm import Session
+import httpx
+import kombu.exceptions
+import psycopg
+import redis
+import sqlalchemy.exc
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit import repository
 from app.audit.domain import (
-    Verdict,
     draw_exemplar_sets,
     exemplar_sets_from_json,
     exemplar_sets_to_json,
-    summarize,
 )
-from app.audit.schemas import Audit, AuditConfig
+from app.audit.schemas import AuditConfig
 from app.datasets import service as datasets_service
 from app.datasets.domain import Example, parse_record
-from app.jobs import repository as jobs_repository
-from app.models import ChunkStatus, Job, JobStatus, utcnow
+from app.jobs import lifecycle
+from app.jobs import service as jobs_service
+from app.logs import job_logging
+from app.models import Chunk, ChunkStatus, Job, JobStatus, utcnow
 from app.models import Example as ExampleRow
-from app.queue import RUN_CHUNK, SEND_WEBHOOK, Queue
-from workers.engines.base import Engine
+from app.queue import SEND_WEBHOOK, WORK, Queue, QueueUnavailable
+from app.settings import Settings
+from workers.engines.base import Engine, EngineUnavailable
 from workers.engines.cached import CachedEngine
 from workers.runner import audit_batch
 
@@ -38,128 +48,384 @@ log = logging.getLogger(__name__)
 EngineFactory = Callable[[dict[str, Any]], Engine]
 """Gives the engine for a job's `student` spec ({model, engine, revision})."""
 
+TRANSIENT: tuple[type[BaseException], ...] = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.DisconnectionError,
+    psycopg.OperationalError,
+    kombu.exceptions.OperationalError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+    httpx.TransportError,
+    QueueUnavailable,
+    EngineUnavailable,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A fault that passes (a lost connection, a restarting server): retry, never fail the job."""
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, TRANSIENT)
+
+
+class Stopped(Exception):
+    """The chunk is no longer this worker's to finish: its job ended or its lease was lost."""
+
+
+class PermanentError(Exception):
+    """A fault that trying again will not mend; its message is shown to users."""
+
+
+@dataclass(frozen=True)
+class Worker:
+    """What a worker's steps need: its name (who holds a lease), and its dependencies."""
+
+    name: str
+    sessions: sessionmaker[Session]
+    engine_for: EngineFactory
+    queue: Queue
+    settings: Settings
+
+
+def hint(queue: Queue, count: int) -> None:
+    """Tell workers that `count` units of work wait; a lost hint is made good by the sweeper."""
+    try:
+        for _ in range(count):
+            queue.send(WORK)
+    except QueueUnavailable as exc:
+        log.warning("the broker took no hint (%s); the sweeper sends it again", exc)
+
+
+def work_once(worker: Worker) -> bool:
+    """Do one unit of work: plan the oldest queued job, else run a free chunk. False if none."""
+    if plan_next_job(worker):
+        return True
+    with worker.sessions.begin() as session:
+        chunk = repository.claim_chunk(session, worker.name, worker.settings.lease_seconds)
+    if chunk is None:
+        return False
+    with job_logging(str(chunk.job_id)):
+        run_claimed_chunk(worker, chunk)
+    return True
+
+
+# --- planning ---------------------------------------------------------------------------------
+
+
+def plan_next_job(worker: Worker) -> bool:
+    """Plan the oldest queued job: draw its exemplar sets, write its chunks, start it."""
+    job_id: uuid.UUID | None = None
+    try:
+        with worker.sessions.begin() as session:
+            job = repository.claim_job_to_plan(session)
+            if job is None:
+                return False
+            job_id = job.id
+            with job_logging(str(job_id)):
+                chunks = plan_job(session, job, worker.settings.chunk_size)
+    except Exception as exc:
+        if job_id is None or is_transient(exc):
+            raise
+        log.exception("planning job %s failed", job_id)
+        fail_job(worker, job_id, "planning failed with an internal error (see the worker logs)")
+        return True
+    log.info("job %s planned into %s chunks", job_id, chunks)
+    hint(worker.queue, chunks)
+    return True
+
+
+def plan_job(session: Session, job: Job, chunk_size: int) -> int:
+    """In the caller's transaction: the job's exemplar sets and chunks; returns the chunks."""
+    config = AuditConfig.model_validate(job.config)
+    record_format = datasets_service.get_dataset(session, job.dataset_id).format
+    examples = [
+        to_example(r, record_format) for r in repository.iter_examples(session, job.dataset_id)
+    ]
+    job.exemplar_sets = exemplar_sets_to_json(draw_exemplar_sets(examples, config))
+    chunks = repository.add_chunks(session, job.id, job.total, chunk_size)
+    lifecycle.start(job)
+    return chunks
+
 
 def to_example(row: ExampleRow, record_format: str) -> Example:
     """The example of a stored row, read in its dataset's format."""
     return parse_record(record_format, row.raw, row.line)
 
 
-def dataset_format(session: Session, dataset_id: uuid.UUID) -> str:
-    return datasets_service.get_dataset(session, dataset_id).format
+# --- chunks -----------------------------------------------------------------------------------
 
 
-def plan_job(session: Session, job_id: uuid.UUID, queue: Queue, chunk_size: int) -> None:
-    """Draw the exemplar sets, split the job into chunks and enqueue them."""
-    job = repository.lock_job(session, job_id)
-    if job is None or job.status.finished:
-        return
-    if job.status == JobStatus.QUEUED:
+def run_claimed_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
+    """Run a chunk this worker holds, retrying it in place through transient faults.
+
+    A permanent fault fails the job; an unexpected error counts against the chunk, which fails
+    the job after `max_chunk_failures`. Past `transient_retry_seconds` the chunk is left to its
+    lease: once that runs out, the sweeper hands it out again.
+    """
+    settings = worker.settings
+    deadline = time.monotonic() + settings.transient_retry_seconds
+    delay = 0.5
+    while True:
+        try:
+            run_chunk(worker, chunk)
+            break
+        except Stopped as exc:
+            log.info("chunk %s of job %s stopped: %s", chunk.index, chunk.job_id, exc)
+            return
+        except PermanentError as exc:
+            log.exception("chunk %s of job %s failed", chunk.index, chunk.job_id)
+            fail_job(worker, chunk.job_id, str(exc))
+            return
+        except Exception as exc:
+            if not is_transient(exc):
+                count_failure(worker, chunk, exc)
+                return
+            if time.monotonic() > deadline:
+                log.warning(
+                    "chunk %s: still failing (%s); leaving it to its lease", chunk.index, exc
+                )
+                return
+            log.warning("chunk %s: transient fault (%s); again in %.1f s", chunk.index, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+            try:
+                with worker.sessions.begin() as session:
+                    again = repository.claim_chunk(
+                        session,
+                        worker.name,
+                        settings.lease_seconds,
+                        only=(chunk.job_id, chunk.index),
+                    )
+            except Exception as retry_exc:
+                if not is_transient(retry_exc):
+                    raise
+                continue  # the database is still away: the loop waits and tries again
+            if again is None:
+                return  # done by another worker, or its job ended
+    finalize_when_done(worker, chunk.job_id)
+
+
+def run_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
+    """Audit the chunk's examples and write their verdicts: read, generate, write, each apart."""
+    with worker.sessions() as session:
+        job = session.get(Job, chunk.job_id)
+        if job is None or job.status != JobStatus.RUNNING:
+            raise Stopped(f"the job is {job.status.value if job else 'gone'}")
         config = AuditConfig.model_validate(job.config)
-        record_format = dataset_format(session, job.dataset_id)
-        examples = [
-            to_example(r, record_format) for r in repository.iter_examples(session, job.dataset_id)
-        ]
-        job.exemplar_sets = exemplar_sets_to_json(draw_exemplar_sets(examples, config))
-        repository.add_chunks(session, job.id, len(examples), chunk_size)
-        job.status = JobStatus.RUNNING
-        job.started_at = utcnow()
-    # A plan that ran before and died before enqueueing sends what is still pending; a chunk
-    # sent twice finds itself done and returns.
-    pending = repository.pending_chunks(session, job.id)
-    session.commit()
-    for index in pending:
-        queue.send(RUN_CHUNK, str(job_id), index)
-
-
-def run_chunk(
-    session: Session, job_id: uuid.UUID, index: int, engine_for: EngineFactory, queue: Queue
-) -> None:
-    """Audit one chunk and upsert its verdicts; the last chunk to finish finalizes the job."""
-    job = repository.lock_job(session, job_id)
-    chunk = repository.get_chunk(session, job_id, index)
-    if job is None or chunk is None or job.status != JobStatus.RUNNING:
-        return
-    if chunk.status == ChunkStatus.DONE:
-        session.rollback()
-        finalize_job(session, job_id, queue)
-        return
-    chunk.attempts += 1
-    config = AuditConfig.model_validate(job.config)
-    student, dataset_id = dict(job.student), job.dataset_id
-    record_format = dataset_format(session, dataset_id)
-    sets = exemplar_sets_from_json(job.exemplar_sets or {})
-    session.commit()  # releases the job row while the chunk runs
+        student = dict(job.student)
+        sets = exemplar_sets_from_json(job.exemplar_sets or {})
+        record_format = datasets_service.get_dataset(session, job.dataset_id).format
+        rows = list(repository.iter_examples(session, job.dataset_id, chunk.start, chunk.stop))
+        positions = [row.position for row in rows]
+        examples = [to_example(row, record_format) for row in rows]
 
     started = time.monotonic()
-    rows = list(repository.iter_examples(session, dataset_id, chunk.start, chunk.stop))
-    engine = CachedEngine(engine_for(student), repository.SqlGenerationStore(session))
-    result = audit_batch([to_example(r, record_format) for r in rows], sets, engine, config)
-    repository.upsert_verdicts(
-        session,
-        [
-            {
-                "job_id": job_id,
-                "position": row.position,
-                "category": verdict.audit.category.value,
-                "flagged": verdict.audit.flagged,
-                "conflict": verdict.conflict,
-                "audit": verdict.audit.model_dump(mode="json"),
-                "answers": {"greedy": tally.greedy, "samples": tally.samples},
-            }
-            for row, tally, verdict in zip(rows, result.tallies, result.verdicts, strict=True)
-        ],
-    )
-    chunk = repository.get_chunk(session, job_id, index)
-    assert chunk is not None
-    chunk.status = ChunkStatus.DONE
-    chunk.generations = engine.new_generations
-    chunk.cached_generations = engine.cached_generations
-    chunk.engine_calls = result.stats.engine_calls
-    chunk.engine_seconds = result.stats.engine_seconds
-    chunk.seconds = time.monotonic() - started
-    chunk.finished_at = utcnow()
-    session.commit()
-    finalize_job(session, job_id, queue)
+    with Lease(worker, chunk) as lease:
+        engine = CachedEngine(
+            load_engine(worker, student), repository.SqlGenerationStore(worker.sessions)
+        )
+        result = audit_batch(
+            examples,
+            sets,
+            engine,
+            config,
+            call_generations=worker.settings.engine_call_generations,
+            checkpoint=lease.check,
+        )
+
+    with worker.sessions.begin() as session:
+        status = repository.share_job_status(session, chunk.job_id)
+        if status != JobStatus.RUNNING:
+            raise Stopped(f"the job is {status.value if status else 'gone'}")
+        row = session.get(Chunk, (chunk.job_id, chunk.index), with_for_update=True)
+        if row is None or row.status == ChunkStatus.DONE:
+            return  # another worker finished it while this one was away
+        repository.upsert_verdicts(
+            session,
+            [
+                {
+                    "job_id": chunk.job_id,
+                    "position": position,
+                    "category": verdict.audit.category.value,
+                    "flagged": verdict.audit.flagged,
+                    "conflict": verdict.conflict,
+                    "audit": verdict.audit.model_dump(mode="json"),
+                    "answers": {"greedy": tally.greedy, "samples": tally.samples},
+                }
+                for position, tally, verdict in zip(
+                    positions, result.tallies, result.verdicts, strict=True
+                )
+            ],
+        )
+        row.status = ChunkStatus.DONE
+        row.claimed_by = row.lease_expires_at = None
+        row.generations = engine.new_generations
+        row.cached_generations = engine.cached_generations
+        row.engine_calls = result.stats.engine_calls
+        row.engine_seconds = result.stats.engine_seconds
+        row.seconds = time.monotonic() - started
+        row.finished_at = utcnow()
 
 
-def finalize_job(session: Session, job_id: uuid.UUID, queue: Queue) -> None:
+def load_engine(worker: Worker, student: dict[str, Any]) -> Engine:
+    try:
+        return worker.engine_for(student)
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        log.exception("loading %s failed", student.get("model"))
+        raise PermanentError(
+            f"the student model {student.get('model')!r} could not be loaded "
+            f"by the {student.get('engine', 'auto')} engine"
+        ) from exc
+
+
+def count_failure(worker: Worker, chunk: repository.ClaimedChunk, exc: Exception) -> None:
+    """An unexpected error: the chunk is tried again (by any worker) up to the limit."""
+    log.error("chunk %s of job %s failed", chunk.index, chunk.job_id, exc_info=exc)
+    with worker.sessions.begin() as session:
+        failures = repository.add_failure(session, chunk)
+    limit = worker.settings.max_chunk_failures
+    if failures >= limit:
+        fail_job(
+            worker,
+            chunk.job_id,
+            f"chunk {chunk.index} failed {failures} times with an internal error "
+            "(see the worker logs)",
+        )
+    else:
+        hint(worker.queue, 1)
+
+
+class Lease:
+    """Keeps a claimed chunk's lease alive while the worker generates, from a thread of its own.
+
+    `check()` is the runner's checkpoint between engine calls: it raises `Stopped` once the job
+    is no longer running (a cancel) or the lease went to another worker.
+    """
+
+    def __init__(self, worker: Worker, chunk: repository.ClaimedChunk) -> None:
+        self.worker = worker
+        self.chunk = chunk
+        self.lost: str | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="lease", daemon=True)
+
+    def __enter__(self) -> Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        interval = self.worker.settings.lease_seconds / 4
+        while not self._done.wait(interval):
+            try:
+                self.renew()
+            except Exception as exc:  # a blip: the lease still runs, the next beat tries again
+                log.warning("renewing the lease of chunk %s failed: %s", self.chunk.index, exc)
+
+    def renew(self) -> None:
+        with self.worker.sessions.begin() as session:
+            status = repository.renew_lease(
+                session, self.chunk, self.worker.name, self.worker.settings.lease_seconds
+            )
+        if status is None:
+            self.lost = "its lease went to another worker"
+        elif status != JobStatus.RUNNING:
+            self.lost = f"the job is {status.value}"
+
+    def check(self) -> None:
+        self.renew()
+        if self.lost:
+            raise Stopped(self.lost)
+
+
+# --- the end of a job -------------------------------------------------------------------------
+
+
+def finalize_when_done(worker: Worker, job_id: uuid.UUID) -> None:
+    """Finish the job if no chunk is left; a fault here is left to the sweeper."""
+    try:
+        finalize_job(worker, job_id)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("finalizing job %s failed (%s); the sweeper finishes it", job_id, exc)
+
+
+def finalize_job(worker: Worker, job_id: uuid.UUID) -> None:
     """Write the report and mark the job succeeded, once every chunk is done."""
-    job = repository.lock_job(session, job_id)
-    if job is None or job.status != JobStatus.RUNNING or repository.pending_chunks(session, job_id):
-        session.rollback()
-        return
-    config = AuditConfig.model_validate(job.config)
-    record_format = dataset_format(session, job.dataset_id)
-    examples: list[Example] = []
-    verdicts: list[Verdict] = []
-    for verdict_row, example_row in repository.iter_verdicts(session, job_id):
-        examples.append(to_example(example_row, record_format))
-        verdicts.append(Verdict(Audit.model_validate(verdict_row.audit), verdict_row.conflict))
-    new, cached = jobs_repository.generation_totals(session, [job_id]).get(job_id, (0, 0))
-    job.status = JobStatus.SUCCEEDED
-    job.finished_at = utcnow()
-    job.report = {
-        **summarize(examples, verdicts, config),
-        "generations": new,
-        "generations_cached": cached,
-        "student": job.student,
-        "config": job.config,
-        "seconds": round((job.finished_at - (job.started_at or job.created_at)).total_seconds(), 3),
-    }
-    session.commit()
-    log.info("job %s succeeded: %s examples", job_id, len(verdicts))
-    notify(job, queue)
+    with worker.sessions.begin() as session:
+        job = repository.lock_job(session, job_id)
+        if job is None or job.status != JobStatus.RUNNING:
+            return
+        if repository.has_pending_chunks(session, job_id):
+            return
+        lifecycle.succeed(job)
+        job.report = jobs_service.build_report(session, job).model_dump(mode="json")
+        examples = job.total
+    log.info("job %s succeeded: %s examples", job_id, examples)
+    notify(worker.queue, job)
 
 
-def fail_job(session: Session, job_id: uuid.UUID, error: str, queue: Queue) -> None:
-    session.rollback()
-    job = repository.mark_failed(session, job_id, error)
-    session.commit()
-    if job is not None:
-        notify(job, queue)
+def fail_job(worker: Worker, job_id: uuid.UUID, error: str) -> None:
+    """Fail the job with an error for users, unless it has already ended."""
+    with worker.sessions.begin() as session:
+        job = repository.lock_job(session, job_id)
+        if job is None or job.status.finished:
+            return
+        lifecycle.fail(job, error)
+    log.warning("job %s failed: %s", job_id, error)
+    notify(worker.queue, job)
 
 
-def notify(job: Job, queue: Queue) -> None:
+def notify(queue: Queue, job: Job) -> None:
     """Enqueue the job's webhook, if it has one; call after the commit that finished it."""
     if job.webhook_url:
-        queue.send(SEND_WEBHOOK, str(job.id))
+        try:
+            queue.send(SEND_WEBHOOK, str(job.id))
+        except QueueUnavailable as exc:
+            log.error("job %s: the webhook could not be queued: %s", job.id, exc)
+
+
+# --- the sweeper ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sweep:
+    finalized: int
+    hinted: int
+
+
+def sweep(worker: Worker) -> Sweep | None:
+    """Bring back what faults left behind; None when another worker's sweeper holds the turn.
+
+    Finishes running jobs whose chunks are all done, and tops the broker up with one hint per
+    unit of work that no message announces (a job queued while the broker was down, a chunk
+    whose lease ran out, messages lost in a broker restart).
+    """
+    with worker.sessions.begin() as session:
+        if not repository.try_sweep_lock(session):
+            return None
+        done = repository.jobs_to_finalize(session)
+        claimable = repository.claimable_work(session)
+    for job_id in done:
+        finalize_job(worker, job_id)
+    waiting = worker.queue.depth()
+    missing = max(claimable - waiting, 0) if waiting is not None else 0
+    if missing:
+        log.info("sweeper: %s units of work without a message; sending hints", missing)
+        hint(worker.queue, missing)
+    return Sweep(len(done), missing)
+
+
+def release_leases(worker: Worker) -> None:
+    """On a clean shutdown: give this worker's chunks back at once instead of at lease end."""
+    with worker.sessions.begin() as session:
+        repository.release_worker_leases(session, worker.name)

@@ -1,13 +1,15 @@
 """Audits a batch of examples against an engine: greedy answers first, then sampling rounds.
 
-Each step is one engine call for the whole batch, so the calls per batch do not grow with its
-size. The rules (what to draw, how to judge) are the pure ones in `app.audit.domain`.
+Each step asks the engine for the whole batch at once (in calls of at most `call_generations`
+completions), so the calls per batch do not grow with its size. Between calls the runner asks
+`checkpoint`, which raises to stop it (a cancelled job, a lost lease). The rules (what to draw,
+how to judge) are the pure ones in `app.audit.domain`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from app.audit.domain import (
@@ -46,14 +48,42 @@ class RunStats:
         self.engine_seconds += other.engine_seconds
         self.steps += other.steps
 
-    def call(self, engine: Engine, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """One engine call, timed and counted."""
-        started = time.perf_counter()
-        results = engine.generate(requests)
-        self.engine_seconds += time.perf_counter() - started
-        self.engine_calls += 1
-        self.steps.append(len(requests))
+    def call(
+        self,
+        engine: Engine,
+        requests: list[GenerationRequest],
+        call_generations: int,
+        checkpoint: Callable[[], None],
+    ) -> list[GenerationResult]:
+        """One step: engine calls of at most `call_generations` completions, timed and counted."""
+        results: list[GenerationResult] = []
+        for part in _slices(requests, call_generations):
+            checkpoint()
+            started = time.perf_counter()
+            results += engine.generate(part)
+            self.engine_seconds += time.perf_counter() - started
+            self.engine_calls += 1
+        if requests:
+            self.steps.append(len(requests))
         return results
+
+
+def _slices(requests: list[GenerationRequest], generations: int) -> list[list[GenerationRequest]]:
+    """Consecutive runs of requests asking for at most `generations` completions each (a single
+    request asking for more is a run of its own)."""
+    parts: list[list[GenerationRequest]] = []
+    size = 0
+    for request in requests:
+        if not parts or size + request.options.n > generations:
+            parts.append([])
+            size = 0
+        parts[-1].append(request)
+        size += request.options.n
+    return parts
+
+
+def never_stop() -> None:
+    """A checkpoint that lets the run go on."""
 
 
 @dataclass
@@ -86,14 +116,20 @@ def sample_options(config: AuditConfig, n: int) -> SamplingOptions:
 
 
 def audit_batch(
-    examples: Sequence[Example], sets: ExemplarSets, engine: Engine, config: AuditConfig
+    examples: Sequence[Example],
+    sets: ExemplarSets,
+    engine: Engine,
+    config: AuditConfig,
+    *,
+    call_generations: int = 1 << 30,
+    checkpoint: Callable[[], None] = never_stop,
 ) -> BatchResult:
     """Generate what the schedule needs for these examples and judge each one."""
     stats = RunStats()
     prompts = [build_prompts(ex, sets, config) for ex in examples]
     greedy = greedy_options(config)
     requests = [GenerationRequest(p, greedy) for per_example in prompts for p in per_example]
-    results = iter(stats.call(engine, requests) if requests else [])
+    results = iter(stats.call(engine, requests, call_generations, checkpoint))
     stats.greedy_generations += len(requests)
     tallies = [Tally([clean_answer(next(results).texts[0]) for _ in ps]) for ps in prompts]
 
@@ -111,7 +147,7 @@ def audit_batch(
             for i, more in wanted
             for p in prompts[i]
         ]
-        results = iter(stats.call(engine, requests))
+        results = iter(stats.call(engine, requests, call_generations, checkpoint))
         for i, more in wanted:
             for row in tallies[i].samples:
                 texts = next(results).texts

@@ -1,22 +1,26 @@
-"""Celery tasks: thin wrappers that open a session and call the steps in `workers.jobs`.
+"""Celery tasks and the worker's life: thin wrappers over the steps in `workers.jobs`.
 
-Run a worker with `kma worker` (one process per GPU, solo pool).
+Run a worker with `kma worker` (one process per GPU, solo pool). Besides its tasks, each worker
+runs the sweeper in a thread of its own.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import threading
 import uuid
+from functools import lru_cache
 from typing import Any
 
 import httpx
 from celery.signals import worker_ready, worker_shutdown
 
-from app.audit import repository
 from app.db import get_sessionmaker
 from app.jobs import service as jobs_service
 from app.logs import job_logging
-from app.queue import PLAN_JOB, RUN_CHUNK, SEND_WEBHOOK, get_queue, make_celery
+from app.queue import SEND_WEBHOOK, WORK, get_queue, make_celery
 from app.settings import get_settings
 from app.webhooks import SIGNATURE_HEADER, sign
 from workers import jobs
@@ -46,42 +50,59 @@ def engine_for(student: dict[str, Any]) -> Engine:
     return _loaded[key]
 
 
-@worker_shutdown.connect
-def close_engines(**_: Any) -> None:
+def close_engines() -> None:
     for engine in _loaded.values():
         engine.close()
     _loaded.clear()
 
 
+@lru_cache
+def this_worker() -> jobs.Worker:
+    """This process as a worker: its name is what its leases are held under."""
+    return jobs.Worker(
+        name=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+        sessions=get_sessionmaker(),
+        engine_for=engine_for,
+        queue=get_queue(),
+        settings=get_settings(),
+    )
+
+
+_stop_sweeping = threading.Event()
+
+
+def sweep_forever() -> None:
+    interval = get_settings().sweep_seconds
+    while not _stop_sweeping.wait(interval):
+        try:
+            jobs.sweep(this_worker())
+        except Exception as exc:  # the database or broker is away: the next round tries again
+            log.warning("sweep failed: %s", exc)
+
+
 @worker_ready.connect
-def plan_queued_jobs(**_: Any) -> None:
-    """Queue again the jobs the broker never took (it was down when they were submitted)."""
-    with get_sessionmaker()() as session:
-        for job_id in repository.queued_job_ids(session):
-            get_queue().send(PLAN_JOB, str(job_id))
+def start_sweeper(**_: Any) -> None:
+    this_worker()  # named before the sweeper thread and the tasks use it
+    threading.Thread(target=sweep_forever, name="sweeper", daemon=True).start()
 
 
-@celery.task(name=PLAN_JOB)
-def plan_job(job_id: str) -> None:
-    with job_logging(job_id), get_sessionmaker()() as session:
-        try:
-            jobs.plan_job(session, uuid.UUID(job_id), get_queue(), get_settings().chunk_size)
-        except Exception as exc:
-            log.exception("planning job %s failed", job_id)
-            jobs.fail_job(session, uuid.UUID(job_id), f"planning failed: {exc}", get_queue())
+@worker_shutdown.connect
+def shut_down(**_: Any) -> None:
+    _stop_sweeping.set()
+    try:
+        jobs.release_leases(this_worker())
+    except Exception as exc:
+        log.warning("could not release this worker's leases (%s); they expire", exc)
+    close_engines()
 
 
-@celery.task(name=RUN_CHUNK)
-def run_chunk(job_id: str, index: int) -> None:
-    with job_logging(job_id), get_sessionmaker()() as session:
-        try:
-            jobs.run_chunk(session, uuid.UUID(job_id), index, engine_for, get_queue())
-        except Exception as exc:
-            log.exception("chunk %s of job %s failed", index, job_id)
-            jobs.fail_job(session, uuid.UUID(job_id), f"chunk {index} failed: {exc}", get_queue())
+@celery.task(name=WORK)
+def work() -> None:
+    """Claim one unit of work (a job to plan or a chunk to run) and do it."""
+    jobs.work_once(this_worker())
 
 
-@celery.task(name=SEND_WEBHOOK, bind=True, acks_late=False)
+@celery.task(name=SEND_WEBHOOK, bind=True)
 def send_webhook(task: Any, job_id: str) -> None:
     """POST the job's JSON to its webhook, signed; retried with doubling waits."""
     settings = get_settings()

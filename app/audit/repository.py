@@ -1,24 +1,154 @@
-"""Queries the audit workers run: chunks, verdict upserts, the generation cache."""
+"""Queries the audit workers run: claims and leases, chunks, verdict upserts, the cache."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from app.models import Chunk, ChunkStatus, Example, Generation, Job, JobStatus, Verdict, utcnow
+from app.models import Chunk, ChunkStatus, Example, Generation, Job, JobStatus, Verdict
 
 
 def lock_job(session: Session, job_id: uuid.UUID) -> Job | None:
     return session.get(Job, job_id, with_for_update=True)
 
 
-def queued_job_ids(session: Session) -> list[uuid.UUID]:
-    return list(session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED)))
+def share_job_status(session: Session, job_id: uuid.UUID) -> JobStatus | None:
+    """The job's status, its row locked FOR SHARE: a cancel (FOR UPDATE) waits for the
+    transaction, so nothing it writes can land after the cancel commits."""
+    return session.scalar(select(Job.status).where(Job.id == job_id).with_for_update(read=True))
+
+
+def job_status(session: Session, job_id: uuid.UUID) -> JobStatus | None:
+    return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def claim_job_to_plan(session: Session) -> Job | None:
+    """The oldest queued job, locked; another worker planning one skips it."""
+    return session.scalars(
+        select(Job)
+        .where(Job.status == JobStatus.QUEUED)
+        .order_by(Job.created_at)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    ).first()
+
+
+@dataclass(frozen=True)
+class ClaimedChunk:
+    job_id: uuid.UUID
+    index: int
+    start: int
+    stop: int
+
+
+def _claimable() -> Any:
+    return and_(
+        Chunk.status == ChunkStatus.PENDING,
+        or_(Chunk.lease_expires_at.is_(None), Chunk.lease_expires_at < func.now()),
+        exists().where(Job.id == Chunk.job_id, Job.status == JobStatus.RUNNING),
+    )
+
+
+def claim_chunk(
+    session: Session,
+    worker: str,
+    lease_seconds: float,
+    only: tuple[uuid.UUID, int] | None = None,
+) -> ClaimedChunk | None:
+    """Take a pending chunk whose lease is free or expired (the oldest job's first), or `only`
+    that one, which this worker may hold already; the lease runs `lease_seconds` from now."""
+    candidates = select(Chunk.job_id, Chunk.index)
+    if only is None:
+        candidates = (
+            candidates.join(Job, Job.id == Chunk.job_id)
+            .where(_claimable())
+            .order_by(Job.created_at, Chunk.index)
+        )
+    else:
+        candidates = candidates.where(
+            Chunk.job_id == only[0],
+            Chunk.index == only[1],
+            or_(
+                _claimable(), and_(Chunk.claimed_by == worker, Chunk.status == ChunkStatus.PENDING)
+            ),
+        )
+    target = candidates.limit(1).with_for_update(of=Chunk, skip_locked=True).subquery()
+    row = session.execute(
+        update(Chunk)
+        .where(Chunk.job_id == target.c.job_id, Chunk.index == target.c.index)
+        .values(
+            claimed_by=worker,
+            lease_expires_at=func.now() + timedelta(seconds=lease_seconds),
+            attempts=Chunk.attempts + 1,
+        )
+        .returning(Chunk.job_id, Chunk.index, Chunk.start, Chunk.stop)
+    ).first()
+    return ClaimedChunk(*row) if row else None
+
+
+def renew_lease(
+    session: Session, chunk: ClaimedChunk, worker: str, lease_seconds: float
+) -> JobStatus | None:
+    """Extend the worker's lease; the job's status, or None when the lease is no longer its."""
+    renewed = session.execute(
+        update(Chunk)
+        .where(
+            Chunk.job_id == chunk.job_id,
+            Chunk.index == chunk.index,
+            Chunk.claimed_by == worker,
+            Chunk.status == ChunkStatus.PENDING,
+        )
+        .values(lease_expires_at=func.now() + timedelta(seconds=lease_seconds))
+        .returning(Chunk.index)
+    ).first()
+    return job_status(session, chunk.job_id) if renewed else None
+
+
+def release_worker_leases(session: Session, worker: str) -> None:
+    session.execute(
+        update(Chunk)
+        .where(Chunk.claimed_by == worker, Chunk.status == ChunkStatus.PENDING)
+        .values(claimed_by=None, lease_expires_at=None)
+    )
+
+
+def add_failure(session: Session, chunk: ClaimedChunk) -> int:
+    """Count a failed run of the chunk; returns its failures so far."""
+    failures: int = session.execute(
+        update(Chunk)
+        .where(Chunk.job_id == chunk.job_id, Chunk.index == chunk.index)
+        .values(failures=Chunk.failures + 1, claimed_by=None, lease_expires_at=None)
+        .returning(Chunk.failures)
+    ).scalar_one()
+    return failures
+
+
+def claimable_work(session: Session) -> int:
+    """Units of work a worker could take now: queued jobs to plan, free or expired chunks."""
+    jobs = session.scalar(select(func.count()).where(Job.status == JobStatus.QUEUED)) or 0
+    chunks = session.scalar(select(func.count()).select_from(Chunk).where(_claimable())) or 0
+    return jobs + chunks
+
+
+def jobs_to_finalize(session: Session) -> list[uuid.UUID]:
+    """Running jobs with no chunk left pending: their last worker died before finalizing."""
+    pending = exists().where(Chunk.job_id == Job.id, Chunk.status == ChunkStatus.PENDING)
+    return list(session.scalars(select(Job.id).where(Job.status == JobStatus.RUNNING, ~pending)))
+
+
+def try_sweep_lock(session: Session) -> bool:
+    """One sweeper at a time across workers, for the rest of this transaction."""
+    return bool(session.scalar(select(func.pg_try_advisory_xact_lock(SWEEP_LOCK))))
+
+
+SWEEP_LOCK = 0x6B6D61  # "kma"
 
 
 def iter_examples(
@@ -43,14 +173,9 @@ def add_chunks(session: Session, job_id: uuid.UUID, total: int, size: int) -> in
     return len(starts)
 
 
-def pending_chunks(session: Session, job_id: uuid.UUID) -> list[int]:
-    return list(
-        session.scalars(
-            select(Chunk.index)
-            .where(Chunk.job_id == job_id, Chunk.status == ChunkStatus.PENDING)
-            .order_by(Chunk.index)
-        )
-    )
+def has_pending_chunks(session: Session, job_id: uuid.UUID) -> bool:
+    pending = exists().where(Chunk.job_id == job_id, Chunk.status == ChunkStatus.PENDING)
+    return bool(session.scalar(select(pending)))
 
 
 def get_chunk(session: Session, job_id: uuid.UUID, index: int) -> Chunk | None:
@@ -90,34 +215,28 @@ def iter_verdicts(session: Session, job_id: uuid.UUID) -> Iterator[tuple[Verdict
         yield row[0], row[1]
 
 
-def mark_failed(session: Session, job_id: uuid.UUID, error: str) -> Job | None:
-    """Fail the job unless it already finished; returns it when this call failed it."""
-    job = lock_job(session, job_id)
-    if job is None or job.status.finished:
-        return None
-    job.status, job.error, job.finished_at = JobStatus.FAILED, error, utcnow()
-    return job
-
-
 class SqlGenerationStore:
-    """The generation cache in PostgreSQL. Writes join the caller's transaction."""
+    """The generation cache in PostgreSQL, each read and write a short transaction of its own:
+    what the engine made is committed at once, so a chunk that dies halfway resumes from it."""
 
-    def __init__(self, session: Session) -> None:
-        self.session = session
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
 
     def get_many(self, keys: Sequence[bytes]) -> Mapping[bytes, list[str]]:
         found: dict[bytes, list[str]] = {}
-        for start in range(0, len(keys), 5000):
-            batch = keys[start : start + 5000]
-            rows = self.session.execute(
-                select(Generation.key, Generation.texts).where(Generation.key.in_(batch))
-            )
-            found.update({key: texts for key, texts in rows})
+        with self.sessions() as session:
+            for start in range(0, len(keys), 5000):
+                batch = keys[start : start + 5000]
+                rows = session.execute(
+                    select(Generation.key, Generation.texts).where(Generation.key.in_(batch))
+                )
+                found.update({key: texts for key, texts in rows})
         return found
 
     def put_many(self, model_id: str, items: Mapping[bytes, list[str]]) -> None:
         rows = [{"key": k, "model_id": model_id, "texts": v} for k, v in items.items()]
-        for start in range(0, len(rows), 5000):
-            self.session.execute(
-                insert(Generation).values(rows[start : start + 5000]).on_conflict_do_nothing()
-            )
+        with self.sessions.begin() as session:
+            for start in range(0, len(rows), 5000):
+                session.execute(
+                    insert(Generation).values(rows[start : start + 5000]).on_conflict_do_nothing()
+                )

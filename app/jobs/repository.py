@@ -18,6 +18,10 @@ def get_job(session: Session, job_id: uuid.UUID, *, lock: bool = False) -> Job |
     return session.get(Job, job_id, with_for_update=lock)
 
 
+def get_job_by_idempotency_key(session: Session, key: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.idempotency_key == key)).first()
+
+
 def list_jobs(
     session: Session, status: JobStatus | None, after: Job | None, limit: int
 ) -> Sequence[Job]:

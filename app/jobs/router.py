@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query
 from fastapi.responses import HTMLResponse, StreamingResponse
 
 from app.audit.domain import ExportPolicy
 from app.audit.schemas import Category
 from app.deps import QueueDep, SessionDep
-from app.errors import NOT_FOUND, ErrorRead, Responses, ServiceUnavailable
+from app.errors import NOT_FOUND, ErrorRead, Responses
 from app.jobs import service
 from app.jobs.schemas import ExamplePage, JobCreate, JobPage, JobRead
 from app.models import JobStatus
-from app.queue import PLAN_JOB, SEND_WEBHOOK, QueueUnavailable
+from app.queue import SEND_WEBHOOK, WORK, Queue, QueueUnavailable
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -30,23 +33,38 @@ def conflict(description: str) -> Responses:
     "",
     status_code=202,
     summary="Submit an audit job",
-    responses=NOT_FOUND,
+    responses={**NOT_FOUND, **conflict("The Idempotency-Key was used for another submission.")},
 )
-def create_job(session: SessionDep, queue: QueueDep, job_create: JobCreate) -> JobRead:
+def create_job(
+    session: SessionDep,
+    queue: QueueDep,
+    job_create: JobCreate,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=255,
+            description="Retrying a submission with the same key gives the same job back.",
+        ),
+    ] = None,
+) -> JobRead:
     """Queue an audit of the dataset against the student; poll the job it answers.
 
-    Every option is checked now: an invalid one answers 422 naming its field.
+    Every option is checked now: an invalid one answers 422 naming its field. A stored job
+    always starts, even when the broker is down as it is submitted: workers find it then.
     """
-    job = service.create_job(session, job_create)
+    job, created = service.create_job(session, job_create, idempotency_key)
     session.commit()
-    try:
-        queue.send(PLAN_JOB, str(job.id))
-    except QueueUnavailable as exc:
-        raise ServiceUnavailable(
-            f"job {job.id} is stored but the queue did not take it ({exc}); "
-            "it starts when a worker next starts"
-        ) from exc
+    if created:
+        wake_workers(queue)
     return job
+
+
+def wake_workers(queue: Queue) -> None:
+    try:
+        queue.send(WORK)
+    except QueueUnavailable as exc:
+        log.warning("the broker took no hint (%s); the workers' sweeper finds the work", exc)
 
 
 @router.get("", summary="List jobs")
@@ -76,7 +94,10 @@ def cancel_job(session: SessionDep, queue: QueueDep, job_id: uuid.UUID) -> JobRe
     job = service.cancel_job(session, job_id)
     session.commit()
     if job.webhook_url:
-        queue.send(SEND_WEBHOOK, str(job.id))
+        try:
+            queue.send(SEND_WEBHOOK, str(job.id))
+        except QueueUnavailable as exc:
+            log.error("job %s: the webhook could not be queued: %s", job.id, exc)
     return job
 
 

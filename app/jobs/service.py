@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.audit.domain import ExportPolicy, export_record
@@ -15,7 +16,7 @@ from app.audit.schemas import Audit, AuditConfig, Category
 from app.datasets import service as datasets_service
 from app.datasets.domain import parse_record
 from app.errors import Conflict, NotFound, Unprocessable
-from app.jobs import report_page, repository
+from app.jobs import lifecycle, report_page, repository
 from app.jobs.schemas import (
     ExamplePage,
     ExampleRead,
@@ -104,8 +105,14 @@ def _read(session: Session, job: Job) -> JobRead:
     return _read_many(session, [job])[0]
 
 
-def create_job(session: Session, job_create: JobCreate) -> JobRead:
-    """A queued job over the whole dataset; the caller commits, then enqueues its planning."""
+def create_job(
+    session: Session, job_create: JobCreate, idempotency_key: str | None = None
+) -> tuple[JobRead, bool]:
+    """A queued job over the whole dataset, and whether it is new; the caller commits, then
+    tells the workers.
+
+    A submission retried with the same `idempotency_key` gives the job the first one made.
+    """
     dataset = datasets_service.get_dataset(session, job_create.dataset_id)
     job = Job(
         dataset_id=dataset.id,
@@ -114,10 +121,30 @@ def create_job(session: Session, job_create: JobCreate) -> JobRead:
         config=job_create.config.model_dump(mode="json"),
         webhook_url=str(job_create.webhook_url) if job_create.webhook_url else None,
         total=dataset.num_examples,
+        idempotency_key=idempotency_key,
     )
+    if idempotency_key is not None:
+        existing = repository.get_job_by_idempotency_key(session, idempotency_key)
+        if existing is None:
+            try:
+                with session.begin_nested():
+                    session.add(job)
+            except IntegrityError:  # the same key, submitted at the same moment
+                existing = repository.get_job_by_idempotency_key(session, idempotency_key)
+        if existing is not None:
+            if _submission(existing) != _submission(job):
+                raise Conflict(
+                    f"Idempotency-Key {idempotency_key!r} was used for another submission "
+                    f"(job {existing.id})"
+                )
+            return _read(session, existing), False
     session.add(job)
     session.flush()
-    return _read(session, job)
+    return _read(session, job), True
+
+
+def _submission(job: Job) -> tuple[Any, ...]:
+    return job.dataset_id, job.student, job.config, job.webhook_url
 
 
 def get_job(session: Session, job_id: uuid.UUID) -> JobRead:
@@ -141,10 +168,7 @@ def list_jobs(
 def cancel_job(session: Session, job_id: uuid.UUID) -> JobRead:
     """Stop a queued or running job; workers see the status and do no more of it."""
     job = _get(session, job_id, lock=True)
-    if job.status.finished:
-        raise Conflict(f"job {job_id} is already {job.status.value}")
-    job.status = JobStatus.CANCELLED
-    job.finished_at = utcnow()
+    lifecycle.cancel(job)
     session.flush()
     return _read(session, job)
 

@@ -35,6 +35,10 @@ class GenerationRequest:
     later sampling rounds apart from its first in the generation cache."""
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine's server could not be reached, timed out or answered 5xx: worth retrying."""
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     texts: list[str]

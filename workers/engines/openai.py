@@ -9,7 +9,12 @@ from typing import Any
 
 import httpx
 
-from workers.engines.base import GenerationRequest, GenerationResult, cut_at_stop
+from workers.engines.base import (
+    EngineUnavailable,
+    GenerationRequest,
+    GenerationResult,
+    cut_at_stop,
+)
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -129,4 +134,4 @@ class OpenAIEngine:
                     raise CompletionServerError(f"POST {url}: {failure}")
             if attempt < self.attempts:
                 await asyncio.sleep(min(self.backoff_seconds * 2 ** (attempt - 1), 30.0))
-        raise CompletionServerError(f"POST {url}: {failure} (after {self.attempts} attempts)")
+        raise EngineUnavailable(f"POST {url}: {failure} (after {self.attempts} attempts)")
