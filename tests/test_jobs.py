@@ -47,7 +47,12 @@ def make_job(session: Session, n: int, **config: Any) -> Job:
             line=i + 1,
             record_id=f"n{i}",
             group="numbers",
-            raw={"id": f"n{i}", "question": f"What is number {i}?", "answer": str(i)},
+            raw={
+                "id": f"n{i}",
+                "question": f"What is number {i}?",
+                "answer": str(i),
+                "group": "numbers",
+            },
         )
         for i in range(n)
     )

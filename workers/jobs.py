@@ -17,7 +17,6 @@ from sqlalchemy.orm import Session
 from app.audit import repository
 from app.audit.domain import (
     Verdict,
-    draw_exemplar_sets,
     exemplar_sets_from_json,
     exemplar_sets_to_json,
     summarize,
@@ -56,11 +55,9 @@ def plan_job(session: Session, job_id: uuid.UUID, queue: Queue, chunk_size: int)
     if job.status == JobStatus.QUEUED:
         config = AuditConfig.model_validate(job.config)
         record_format = dataset_format(session, job.dataset_id)
-        examples = [
-            to_example(r, record_format) for r in repository.iter_examples(session, job.dataset_id)
-        ]
-        job.exemplar_sets = exemplar_sets_to_json(draw_exemplar_sets(examples, config))
-        repository.add_chunks(session, job.id, len(examples), chunk_size)
+        sets = repository.draw_exemplar_sets(session, job.dataset_id, record_format, config)
+        job.exemplar_sets = exemplar_sets_to_json(sets)
+        repository.add_chunks(session, job.id, job.total, chunk_size)
         job.status = JobStatus.RUNNING
         job.started_at = utcnow()
     # A plan that ran before and died before enqueueing sends what is still pending; a chunk
