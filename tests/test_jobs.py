@@ -81,7 +81,12 @@ def make_job(sessions: sessionmaker[Session], n: int, **config: Any) -> uuid.UUI
                 line=i + 1,
                 record_id=f"n{i}",
                 group="numbers",
-                raw={"id": f"n{i}", "question": f"What is number {i}?", "answer": str(i)},
+                raw={
+                    "id": f"n{i}",
+                    "question": f"What is number {i}?",
+                    "answer": str(i),
+                    "group": "numbers",
+                },
             )
             for i in range(n)
         )

@@ -24,11 +24,7 @@ import sqlalchemy.exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit import repository
-from app.audit.domain import (
-    draw_exemplar_sets,
-    exemplar_sets_from_json,
-    exemplar_sets_to_json,
-)
+from app.audit.domain import exemplar_sets_from_json, exemplar_sets_to_json
 from app.audit.schemas import AuditConfig
 from app.datasets import service as datasets_service
 from app.datasets.domain import Example, parse_record
@@ -141,10 +137,8 @@ def plan_job(session: Session, job: Job, chunk_size: int) -> int:
     """In the caller's transaction: the job's exemplar sets and chunks; returns the chunks."""
     config = AuditConfig.model_validate(job.config)
     record_format = datasets_service.get_dataset(session, job.dataset_id).format
-    examples = [
-        to_example(r, record_format) for r in repository.iter_examples(session, job.dataset_id)
-    ]
-    job.exemplar_sets = exemplar_sets_to_json(draw_exemplar_sets(examples, config))
+    sets = repository.draw_exemplar_sets(session, job.dataset_id, record_format, config)
+    job.exemplar_sets = exemplar_sets_to_json(sets)
     chunks = repository.add_chunks(session, job.id, job.total, chunk_size)
     lifecycle.start(job)
     return chunks

@@ -80,23 +80,54 @@ def group_key(example: Example) -> str:
     return example.group or ""
 
 
-def draw_exemplar_sets(examples: Sequence[Example], config: AuditConfig) -> ExemplarSets:
-    """Draw each group's exemplar sets once, from the seed.
+@dataclass(frozen=True)
+class ExemplarDraw:
+    """Which examples one group's exemplar sets hold, as indices into the pool they come from."""
+
+    whole_dataset: bool
+    """The pool is every example of the dataset (the group is too small), else the group's own."""
+    sets: list[list[int]]
+    """Per exemplar set, its candidates in draw order: indices into the pool (in position order)."""
+
+
+def draw_exemplar_indices(
+    group_sizes: Mapping[str, int], config: AuditConfig
+) -> dict[str, ExemplarDraw]:
+    """Each group's exemplar draw from the seed, knowing only how many examples each group has.
 
     A set holds one candidate more than `shots`, so the question itself can be left out of its
     own prompt while every other question of the group shares the same prefixes. A group too small
-    to fill a set draws from the whole dataset.
+    to fill a set draws from the whole dataset. `random.sample` makes the same draws on a pool's
+    indices as on the pool itself (its draws depend only on the pool's size), so this can be
+    computed before a single example is read.
+    """
+    total = sum(group_sizes.values())
+    size = config.shots + 1
+    draws: dict[str, ExemplarDraw] = {}
+    for key in sorted(group_sizes):
+        whole_dataset = group_sizes[key] < size
+        n = total if whole_dataset else group_sizes[key]
+        rng = random.Random(f"{config.seed}:{key}")
+        sets = [rng.sample(range(n), min(size, n)) for _ in range(config.n_exemplar_sets)]
+        draws[key] = ExemplarDraw(whole_dataset, sets)
+    return draws
+
+
+def draw_exemplar_sets(examples: Sequence[Example], config: AuditConfig) -> ExemplarSets:
+    """Draw each group's exemplar sets once, from the seed (see `draw_exemplar_indices`).
+
+    `examples` is the whole dataset in position order; `app.audit.repository` draws the same sets
+    without loading it.
     """
     by_group: dict[str, list[Exemplar]] = {}
     for ex in examples:
         by_group.setdefault(group_key(ex), []).append(Exemplar(ex.question, ex.answer))
     everyone = [Exemplar(ex.question, ex.answer) for ex in examples]
-    size = config.shots + 1
+    draws = draw_exemplar_indices({key: len(pool) for key, pool in by_group.items()}, config)
     sets: ExemplarSets = {}
-    for key in sorted(by_group):
-        pool = by_group[key] if len(by_group[key]) >= size else everyone
-        rng = random.Random(f"{config.seed}:{key}")
-        sets[key] = [rng.sample(pool, min(size, len(pool))) for _ in range(config.n_exemplar_sets)]
+    for key, draw in draws.items():
+        pool = everyone if draw.whole_dataset else by_group[key]
+        sets[key] = [[pool[i] for i in indices] for indices in draw.sets]
     return sets
 
 

@@ -8,10 +8,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Integer, Text, and_, bindparam, exists, func, literal, or_, select, update
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.audit.domain import Exemplar, ExemplarSets, draw_exemplar_indices
+from app.audit.schemas import AuditConfig
+from app.datasets.domain import parse_record
 from app.models import Chunk, ChunkStatus, Example, Generation, Job, JobStatus, Verdict
 
 
@@ -164,13 +167,92 @@ def iter_examples(
     yield from session.scalars(query.execution_options(yield_per=5000))
 
 
-def add_chunks(session: Session, job_id: uuid.UUID, total: int, size: int) -> int:
-    starts = range(0, total, size)
-    session.add_all(
-        Chunk(job_id=job_id, index=i, start=start, stop=min(start + size, total))
-        for i, start in enumerate(starts)
+def draw_exemplar_sets(
+    session: Session, dataset_id: uuid.UUID, record_format: str, config: AuditConfig
+) -> ExemplarSets:
+    """The dataset's exemplar sets, exactly as `app.audit.domain.draw_exemplar_sets` draws them.
+
+    It reads each group's size, draws indices from them, and then reads only the examples drawn,
+    so memory stays flat however large the dataset is. Groups are read from the `group` column,
+    which the upload fills with each record's parsed group.
+    """
+    key = func.coalesce(Example.group, "")
+    sizes = session.execute(
+        select(key, func.count()).where(Example.dataset_id == dataset_id).group_by(key)
     )
-    return len(starts)
+    draws = draw_exemplar_indices({k: n for k, n in sizes}, config)
+    in_group = {(k, i) for k, d in draws.items() if not d.whole_dataset for s in d.sets for i in s}
+    in_dataset = {("", i) for d in draws.values() if d.whole_dataset for s in d.sets for i in s}
+    from_group = _read_ranked(session, dataset_id, record_format, in_group, by_group=True)
+    from_dataset = _read_ranked(session, dataset_id, record_format, in_dataset, by_group=False)
+    return {
+        k: [
+            [from_dataset["", i] if d.whole_dataset else from_group[k, i] for i in indices]
+            for indices in d.sets
+        ]
+        for k, d in draws.items()
+    }
+
+
+def _read_ranked(
+    session: Session,
+    dataset_id: uuid.UUID,
+    record_format: str,
+    wanted: set[tuple[str, int]],
+    *,
+    by_group: bool,
+) -> dict[tuple[str, int], Exemplar]:
+    """The examples at the wanted (group, rank) pairs: rank is the 0-based index in position order
+    within the group (`by_group`), or within the whole dataset (the group is then "")."""
+    if not wanted:
+        return {}
+    key = func.coalesce(Example.group, "") if by_group else literal("")
+    rank = func.row_number().over(partition_by=key if by_group else None, order_by=Example.position)
+    ranked = (
+        select(Example.position, key.label("key"), (rank - 1).label("rank"))
+        .where(Example.dataset_id == dataset_id)
+        .subquery()
+    )
+    keys, ranks = zip(*wanted, strict=True)
+    picks = (
+        func.unnest(
+            bindparam("keys", list(keys), type_=ARRAY(Text)),
+            bindparam("ranks", list(ranks), type_=ARRAY(Integer)),
+        )
+        .table_valued("key", "rank")
+        .render_derived(name="pick")
+    )
+    rows = session.execute(
+        select(ranked.c.key, ranked.c.rank, Example.line, Example.raw)
+        .join(picks, (picks.c.key == ranked.c.key) & (picks.c.rank == ranked.c.rank))
+        .join(
+            Example,
+            (Example.dataset_id == dataset_id) & (Example.position == ranked.c.position),
+        )
+    )
+    found: dict[tuple[str, int], Exemplar] = {}
+    for k, i, line, raw in rows:
+        example = parse_record(record_format, raw, line)
+        found[k, i] = Exemplar(example.question, example.answer)
+    return found
+
+
+def add_chunks(session: Session, job_id: uuid.UUID, total: int, size: int) -> int:
+    """Split the job's `total` examples into chunks of `size`, in one statement."""
+    count = len(range(0, total, size))
+    index = func.generate_series(0, count - 1, type_=Integer).column_valued("index")
+    session.execute(
+        insert(Chunk).from_select(
+            [Chunk.job_id, Chunk.index, Chunk.start, Chunk.stop],
+            select(
+                literal(job_id),
+                index,
+                index * size,
+                func.least(index * size + size, total),
+            ),
+        )
+    )
+    return count
 
 
 def has_pending_chunks(session: Session, job_id: uuid.UUID) -> bool:
