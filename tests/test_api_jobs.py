@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from app.audit.schemas import Audit, Category, SuggestedAction
 from app.db import make_engine, session_scope
 from app.models import Chunk, Job, JobStatus, Verdict, utcnow
-from app.queue import PLAN_JOB, QueueUnavailable, get_queue
+from app.queue import WORK, QueueUnavailable, get_queue
 from app.settings import Settings, get_settings
 
 RECORDS = [
@@ -38,6 +38,9 @@ class Recorder:
 
     def send(self, task: str, *args: Any) -> None:
         self.events.append((task, *args))
+
+    def depth(self) -> int | None:
+        return None
 
 
 @pytest.fixture
@@ -143,7 +146,7 @@ def audited(client: TestClient, session: Session, dataset_id: str) -> str:
 # --- submit -----------------------------------------------------------------------------------
 
 
-def test_submit_commits_then_enqueues_the_plan(
+def test_submit_commits_then_wakes_the_workers(
     client: TestClient,
     session: Session,
     dataset_id: str,
@@ -158,7 +161,7 @@ def test_submit_commits_then_enqueues_the_plan(
 
     monkeypatch.setattr(session, "commit", recorded_commit)
     job = submit(client, dataset_id, webhook_url="https://hooks.example.com/kma")
-    assert events == ["commit", (PLAN_JOB, job["id"])]
+    assert events == ["commit", (WORK,)]
     assert job["status"] == "queued"
     assert job["student"] == {"model": "tiny", "engine": "auto", "revision": None, "base_url": None}
     assert job["config"]["samples"] == 16
@@ -451,7 +454,7 @@ def test_readyz_without_the_database(client: TestClient) -> None:
     engine.dispose()
 
 
-def test_a_job_the_queue_refuses_is_kept_and_said_so(
+def test_a_job_submitted_while_the_broker_is_down_is_accepted(
     client: TestClient, session: Session, dataset_id: str
 ) -> None:
     class Down:
@@ -460,7 +463,30 @@ def test_a_job_the_queue_refuses_is_kept_and_said_so(
 
     client.app.dependency_overrides[get_queue] = lambda: Down()  # type: ignore[attr-defined]
     response = client.post("/v1/jobs", json={"dataset_id": dataset_id, "student": {"model": "m"}})
-    assert response.status_code == 503
-    assert "it starts when a worker next starts" in response.json()["detail"]
+    assert response.status_code == 202
+    assert response.json()["status"] == "queued"
     stored = session.scalars(select(Job).where(Job.dataset_id == uuid.UUID(dataset_id))).all()
     assert [job.status for job in stored] == [JobStatus.QUEUED]
+
+
+def test_a_retried_submission_with_an_idempotency_key_gives_the_same_job(
+    client: TestClient, session: Session, dataset_id: str, events: list[Any]
+) -> None:
+    body = {"dataset_id": dataset_id, "student": {"model": "m"}, "config": {"samples": 4}}
+    headers = {"Idempotency-Key": "pipeline-run-42"}
+    first = client.post("/v1/jobs", json=body, headers=headers)
+    again = client.post("/v1/jobs", json=body, headers=headers)
+    assert (first.status_code, again.status_code) == (202, 202)
+    assert first.json()["id"] == again.json()["id"]
+    assert events == [(WORK,)]  # the workers are woken once
+    stored = session.scalars(select(Job).where(Job.dataset_id == uuid.UUID(dataset_id))).all()
+    assert len(stored) == 1
+
+    other = client.post("/v1/jobs", json={**body, "config": {"samples": 8}}, headers=headers)
+    assert other.status_code == 409
+    assert (
+        "Idempotency-Key 'pipeline-run-42' was used for another submission"
+        in (other.json()["detail"])
+    )
+    without_key = client.post("/v1/jobs", json=body)
+    assert without_key.json()["id"] != first.json()["id"]

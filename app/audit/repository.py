@@ -52,10 +52,11 @@ class ClaimedChunk:
 
 
 def _claimable() -> Any:
+    """A pending chunk of a running job (joined in) whose lease is free or ran out."""
     return and_(
+        Job.status == JobStatus.RUNNING,
         Chunk.status == ChunkStatus.PENDING,
         or_(Chunk.lease_expires_at.is_(None), Chunk.lease_expires_at < func.now()),
-        exists().where(Job.id == Chunk.job_id, Job.status == JobStatus.RUNNING),
     )
 
 
@@ -67,20 +68,17 @@ def claim_chunk(
 ) -> ClaimedChunk | None:
     """Take a pending chunk whose lease is free or expired (the oldest job's first), or `only`
     that one, which this worker may hold already; the lease runs `lease_seconds` from now."""
-    candidates = select(Chunk.job_id, Chunk.index)
+    candidates = select(Chunk.job_id, Chunk.index).join(Job, Job.id == Chunk.job_id)
     if only is None:
-        candidates = (
-            candidates.join(Job, Job.id == Chunk.job_id)
-            .where(_claimable())
-            .order_by(Job.created_at, Chunk.index)
-        )
+        candidates = candidates.where(_claimable()).order_by(Job.created_at, Chunk.index)
     else:
+        mine = and_(
+            Job.status == JobStatus.RUNNING,
+            Chunk.status == ChunkStatus.PENDING,
+            Chunk.claimed_by == worker,
+        )
         candidates = candidates.where(
-            Chunk.job_id == only[0],
-            Chunk.index == only[1],
-            or_(
-                _claimable(), and_(Chunk.claimed_by == worker, Chunk.status == ChunkStatus.PENDING)
-            ),
+            Chunk.job_id == only[0], Chunk.index == only[1], or_(_claimable(), mine)
         )
     target = candidates.limit(1).with_for_update(of=Chunk, skip_locked=True).subquery()
     row = session.execute(
@@ -136,7 +134,15 @@ def add_failure(session: Session, chunk: ClaimedChunk) -> int:
 def claimable_work(session: Session) -> int:
     """Units of work a worker could take now: queued jobs to plan, free or expired chunks."""
     jobs = session.scalar(select(func.count()).where(Job.status == JobStatus.QUEUED)) or 0
-    chunks = session.scalar(select(func.count()).select_from(Chunk).where(_claimable())) or 0
+    chunks = (
+        session.scalar(
+            select(func.count())
+            .select_from(Chunk)
+            .join(Job, Job.id == Chunk.job_id)
+            .where(_claimable())
+        )
+        or 0
+    )
     return jobs + chunks
 
 
