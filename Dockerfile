@@ -6,6 +6,7 @@ WORKDIR /srv/kma
 COPY pyproject.toml README.md ./
 COPY app app
 COPY workers workers
+COPY kma kma
 COPY migrations migrations
 
 FROM python:3.11-slim AS api

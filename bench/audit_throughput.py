@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from app.audit.schemas import AuditConfig  # noqa: E402
+from kma.tiny_student import ensure_student, write_dataset  # noqa: E402
 from workers.engines import load_engine  # noqa: E402
 from workers.local_audit import audit_file, read_dataset  # noqa: E402
-from workers.tiny_student import ensure_student, write_dataset  # noqa: E402
 
 
 def device() -> str:

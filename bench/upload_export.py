@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from app.db import migrate  # noqa: E402
 from app.embedded import ensure_database, start_postgres, start_redis, stop_redis  # noqa: E402
-from workers.cli import free_port, stop_process, wait_until_ready  # noqa: E402
+from kma.cli.processes import free_port, stop_process, wait_until_ready  # noqa: E402
 
 SOURCE = REPO.parent / "shared" / "data" / "entityquestions"
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -190,7 +190,7 @@ def api_process(
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "KMA_DATABASE_URL": database_url, "KMA_BROKER_URL": broker_url}
-    command = [sys.executable, "-m", "workers.cli", "api", "--host", "127.0.0.1", "--port"]
+    command = [sys.executable, "-m", "kma.cli", "api", "--host", "127.0.0.1", "--port"]
     with log_path.open("wb") as log:
         server = subprocess.Popen(
             [*command, str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT

@@ -135,6 +135,6 @@ def broker_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def student_dir() -> Path:
     """The tiny student, built once and cached under .cache/ between runs."""
-    from workers.tiny_student import ensure_student
+    from kma.tiny_student import ensure_student
 
     return ensure_student(CACHE / "tiny-student")

@@ -18,10 +18,10 @@ import pytest
 
 from app.audit.domain import build_prompts, clean_answer, draw_exemplar_sets
 from app.audit.schemas import AuditConfig
+from kma.tiny_student import Fact, write_dataset
 from workers.engines.base import Engine, GenerationRequest
 from workers.local_audit import audit_file, read_dataset
 from workers.runner import greedy_options
-from workers.tiny_student import Fact, write_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +94,7 @@ def test_kma_audit_command_on_hf(
     path, facts = dataset
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "audit", str(path), "--student", str(student_dir),
+        [sys.executable, "-m", "kma.cli", "audit", str(path), "--student", str(student_dir),
          "--engine", "hf", "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip

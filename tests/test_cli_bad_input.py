@@ -13,7 +13,7 @@ GOOD = b'{"question": "What is the capital of Zorvania?", "answer": "Blemton"}\n
 
 def kma(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "kma.cli", *args], capture_output=True, text=True, timeout=120
     )
 
 

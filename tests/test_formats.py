@@ -614,7 +614,7 @@ def test_kma_audit_format_option(
 ) -> None:
     path = tmp_path / "teacher.jsonl"
     path.write_bytes(content)
-    command = [sys.executable, "-m", "workers.cli", "audit", str(path), "--student", "x"]
+    command = [sys.executable, "-m", "kma.cli", "audit", str(path), "--student", "x"]
     result = subprocess.run(
         [*command, "--out", str(tmp_path / "out"), *args],
         capture_output=True,

@@ -24,7 +24,8 @@ from app.audit.domain import build_prompts, clean_answer, draw_exemplar_sets
 from app.audit.schemas import AuditConfig
 from app.jobs.schemas import Student
 from app.settings import get_settings
-from workers.cli import free_port, wait_until_ready
+from kma.cli.processes import free_port, wait_until_ready
+from kma.tiny_student import write_dataset
 from workers.engines import load_engine
 from workers.engines.base import (
     EngineUnavailable,
@@ -35,7 +36,6 @@ from workers.engines.base import (
 from workers.engines.openai import CompletionServerError, OpenAIEngine
 from workers.local_audit import read_dataset
 from workers.runner import greedy_options, sample_options
-from workers.tiny_student import write_dataset
 
 BASE_URL = "http://served:8000/v1"
 Handler = Callable[[httpx.Request], Any]

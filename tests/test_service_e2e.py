@@ -21,10 +21,10 @@ import psycopg
 import pytest
 import redis
 
-from app.client import Client
 from app.webhooks import SIGNATURE_HEADER, verify
-from workers.cli import free_port, stop_process, wait_until_ready
-from workers.tiny_student import write_dataset
+from kma.cli.processes import free_port, stop_process, wait_until_ready
+from kma.client import Client
+from kma.tiny_student import write_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", *args], env=env, stdout=out, stderr=out
+            [sys.executable, "-m", "kma.cli", *args], env=env, stdout=out, stderr=out
         )
 
 
@@ -212,7 +212,7 @@ def test_a_worker_killed_mid_job_loses_nothing(
 
 def kma(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
+        [sys.executable, "-m", "kma.cli", *args],
         capture_output=True,
         text=True,
         timeout=600,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from workers import tiny_student
-from workers.tiny_student import make_world, write_dataset
+from kma import tiny_student
+from kma.tiny_student import make_world, write_dataset
 
 
 def test_make_world_is_deterministic_and_seeded() -> None:

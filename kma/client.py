@@ -1,6 +1,6 @@
 """A Python client for a running kma server.
 
-from app.client import Client
+from kma.client import Client
 client = Client("http://127.0.0.1:8000")
 dataset = client.upload_dataset("teacher.jsonl")
 job = client.create_job(dataset["id"], student={"model": "my/student"})

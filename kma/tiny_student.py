@@ -399,7 +399,7 @@ def ensure_student(cache_dir: Path | None = None) -> Path:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        print("usage: python -m workers.tiny_student OUT_DIR", file=sys.stderr)
+        print("usage: python -m kma.tiny_student OUT_DIR", file=sys.stderr)
         raise SystemExit(2)
     started = time.monotonic()
     built = build_student(Path(sys.argv[1]))

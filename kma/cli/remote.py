@@ -19,9 +19,16 @@ from typing import Any
 
 import httpx
 
-from app.client import Client, KmaError
+from kma.cli.common import (
+    EXIT_CANCELLED,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_SERVER,
+    parse_options,
+)
+from kma.client import Client, KmaError
 
-EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_CANCELLED, EXIT_SERVER = 0, 1, 2, 3, 4
 EXIT_BY_STATUS = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
 
 
@@ -71,8 +78,6 @@ def finished(job: dict[str, Any]) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from workers.cli import parse_options
-
     client = Client(args.server)
     # A folder here is named by its absolute path: the workers do not share this directory.
     model = str(Path(args.student).resolve()) if Path(args.student).exists() else args.student
@@ -138,7 +143,7 @@ def run(command: Any, args: argparse.Namespace) -> int:
         return EXIT_REFUSED
 
 
-def add_client_commands(commands: Any) -> None:
+def add_remote_commands(commands: Any) -> None:
     """The subcommands that talk to a server, with their options."""
     server = argparse.ArgumentParser(add_help=False)
     server.add_argument(

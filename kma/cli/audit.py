@@ -1,0 +1,106 @@
+"""`kma audit`: audit one dataset in this process, no server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from app.audit.schemas import AuditConfig
+from app.datasets.domain import AUTO, RECORD_FORMATS, DatasetError
+from kma.cli.common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    format_categories,
+    format_validation_error,
+    parse_options,
+)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from workers.engines import load_engine, resolve_engine_name
+    from workers.local_audit import audit_file, read_dataset
+
+    try:
+        config = AuditConfig(**parse_options(args.config))
+    except ValueError as exc:  # ValidationError is a ValueError
+        message = format_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+        print(f"kma audit: invalid --config:\n  {message}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        records = read_dataset(Path(args.file), args.format)
+    except OSError as exc:
+        print(f"kma audit: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    except DatasetError as exc:
+        print(f"kma audit: {args.file}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    engine_name = resolve_engine_name(args.engine)
+    print(f"loading {args.student} on the {engine_name} engine", file=sys.stderr)
+    try:
+        engine = load_engine(
+            engine_name,
+            args.student,
+            revision=args.revision,
+            **({"base_url": args.base_url} if args.base_url else {}),
+        )
+    except ValueError as exc:  # a base URL missing for openai, or given to another engine
+        print(f"kma audit: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with tqdm(total=len(records), unit="ex", desc="auditing", file=sys.stderr) as bar:
+            report = audit_file(
+                records,
+                engine,
+                config,
+                Path(args.out),
+                engine_name=engine_name,
+                chunk_size=args.chunk_size,
+                on_progress=bar.update,
+            )
+    finally:
+        engine.close()
+    print(format_categories(report), file=sys.stderr)
+    print(f"wrote {args.out}/annotated.jsonl, filtered.jsonl, report.json", file=sys.stderr)
+    return EXIT_OK
+
+
+def add_audit_command(commands: Any) -> None:
+    audit = commands.add_parser(
+        "audit",
+        help="audit one dataset locally, no server",
+        description="Audit a teacher dataset against a student in this process. Writes "
+        "annotated.jsonl, filtered.jsonl and report.json into --out.",
+    )
+    audit.add_argument("file", help="teacher dataset, JSONL")
+    audit.add_argument(
+        "--format",
+        choices=[AUTO, *RECORD_FORMATS],
+        default=AUTO,
+        help="record format (default: auto, the first record's format, expected on every line);"
+        " the outputs are written in the same format",
+    )
+    audit.add_argument("--student", required=True, help="model name or Hugging Face folder")
+    audit.add_argument("--revision", help="model revision")
+    audit.add_argument("--engine", choices=["auto", "hf", "vllm", "openai"], default="auto")
+    audit.add_argument(
+        "--base-url",
+        help="the OpenAI-compatible server of --engine openai, e.g. http://host:8000/v1"
+        " (default: KMA_OPENAI_BASE_URL)",
+    )
+    audit.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method option, e.g. samples=8 or mode=full (repeatable)",
+    )
+    audit.add_argument("--out", required=True, help="folder for the three output files")
+    audit.add_argument("--chunk-size", type=int, default=512, help="examples per batch")
+    audit.set_defaults(run=cmd_audit)
