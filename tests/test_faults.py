@@ -188,7 +188,8 @@ def test_workers_killed_at_random_moments(stack: Stack, tmp_path: Path) -> None:
         for job_id, index in k["held"]:
             finished = query(
                 stack.database_url,
-                "SELECT extract(epoch FROM finished_at) FROM chunk WHERE job_id = %s AND index = %s",
+                "SELECT extract(epoch FROM finished_at) FROM chunk"
+                " WHERE job_id = %s AND index = %s",
                 job_id,
                 index,
             )[0][0]

@@ -18,9 +18,7 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.add_column("chunk", sa.Column("claimed_by", sa.Text(), nullable=True))
     op.add_column("chunk", sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True))
-    op.add_column(
-        "chunk", sa.Column("failures", sa.Integer(), nullable=False, server_default="0")
-    )
+    op.add_column("chunk", sa.Column("failures", sa.Integer(), nullable=False, server_default="0"))
     op.alter_column("chunk", "failures", server_default=None)
     op.create_index(
         "ix_chunk_pending",
