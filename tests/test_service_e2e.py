@@ -1,5 +1,5 @@
-"""The service through real processes: `kma serve` on the embedded default, and a worker
-killed with SIGKILL in the middle of a job."""
+"""The service through real processes: `kma serve` on the embedded default, and the command
+line client against it. Faults are tried in tests/test_faults.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -17,9 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
-import psycopg
 import pytest
-import redis
 
 from app.webhooks import SIGNATURE_HEADER, verify
 from kma.cli.processes import free_port, stop_process, wait_until_ready
@@ -157,57 +154,6 @@ def test_serve_audits_over_http(
     assert second["generations"] == 0
     assert second["generations_cached"] == report["generations_used"]
     assert second["categories"] == report["categories"]
-
-
-def test_a_worker_killed_mid_job_loses_nothing(
-    database_url: str, broker_url: str, student_dir: Path, tmp_path: Path
-) -> None:
-    redis.Redis.from_url(broker_url.replace("redis+socket://", "unix://")).flushdb()
-    env = clean_env(
-        KMA_DATABASE_URL=database_url,
-        KMA_BROKER_URL=broker_url,
-        KMA_CHUNK_SIZE="4",
-        KMA_TASK_VISIBILITY_TIMEOUT="5",
-        KMA_DATA_DIR=str(tmp_path),
-    )
-    port = free_port()
-    api = start(["api", "--host", "127.0.0.1", "--port", str(port)], env, tmp_path / "api.log")
-    worker = start(["worker", "--hostname", "first@%h"], env, tmp_path / "worker1.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(f"{url}/readyz", api, timeout=60)
-        client = Client(url)
-        path = tmp_path / "teacher.jsonl"
-        write_dataset(path, n_trained=24, n_unseen=16)
-        dataset = client.upload_dataset(path)
-        job_id = client.create_job(
-            dataset["id"], {"model": str(student_dir), "engine": "hf"}, config={"mode": "full"}
-        )["id"]
-
-        deadline = time.monotonic() + 300
-        while client.get_job(job_id)["progress"]["done"] < 8:
-            assert time.monotonic() < deadline, "the worker made no progress"
-            time.sleep(0.2)
-        worker.send_signal(signal.SIGKILL)
-        worker.wait()
-        killed_at = client.get_job(job_id)["progress"]["done"]
-        assert killed_at < 40, "the job finished before the worker was killed"
-
-        worker = start(["worker", "--hostname", "second@%h"], env, tmp_path / "worker2.log")
-        job = client.wait(job_id, timeout=600)
-        assert job["status"] == "succeeded", job
-        assert job["progress"]["done"] == 40
-    finally:
-        stop_process(worker, timeout=60)
-        stop_process(api, timeout=60)
-
-    with psycopg.connect(database_url) as conn:
-        rows = conn.execute(
-            "SELECT count(*), count(DISTINCT position), min(position), max(position)"
-            " FROM verdict WHERE job_id = %s",
-            (job_id,),
-        ).fetchone()
-    assert rows == (40, 40, 0, 39)
 
 
 def kma(*args: str) -> subprocess.CompletedProcess[str]:
