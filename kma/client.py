@@ -11,7 +11,7 @@ client.download(job["id"], "filtered.jsonl")
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -135,13 +135,14 @@ class Client:
         server answered an error).
         """
         dest = Path(dest)
-        fd, temporary = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        # A name of its own, made like any file (umask permissions, unlike mkstemp's 0600).
+        temporary = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
         try:
-            with os.fdopen(fd, "wb") as out:
+            with temporary.open("xb") as out:
                 lines = self._stream_export(job_id, policy, out)
             os.replace(temporary, dest)
         except BaseException:
-            Path(temporary).unlink(missing_ok=True)
+            temporary.unlink(missing_ok=True)
             raise
         return lines
 
