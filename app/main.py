@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from importlib.metadata import version
 
 import kombu
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.datasets.domain import DatasetError
 from app.datasets.router import router as datasets_router
@@ -99,22 +99,31 @@ def create_app() -> FastAPI:
     app.include_router(jobs_router, prefix="/v1")
     app.include_router(health)
     app.include_router(metrics_router)
-    app.middleware("http")(tag_job_logs)
+    app.add_middleware(JobLogging)
     return app
 
 
 JOB_PATH = re.compile(r"^/v1/jobs/([0-9a-fA-F-]{36})")
 
 
-async def tag_job_logs(
-    request: Request, call_next: Callable[[Request], Awaitable[Response]]
-) -> Response:
-    """Requests about a job log with its id."""
-    match = JOB_PATH.match(request.url.path)
-    if match is None:
-        return await call_next(request)
-    with job_logging(match.group(1)):
-        return await call_next(request)
+class JobLogging:
+    """Requests about a job log with its id.
+
+    A plain ASGI middleware: Starlette's `BaseHTTPMiddleware` (`app.middleware("http")`) ends a
+    streamed body cleanly when the app raises part way, which would make a broken export look
+    whole; this one lets the error reach the server, which then aborts the connection.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = JOB_PATH.match(scope["path"]) if scope["type"] == "http" else None
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        with job_logging(match.group(1)):
+            await self.app(scope, receive, send)
 
 
 app = create_app()

@@ -10,14 +10,18 @@ client.download(job["id"], "filtered.jsonl")
 
 from __future__ import annotations
 
+import os
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
 FINISHED = ("succeeded", "failed", "cancelled")
+RECORD_COUNT_HEADER = "X-Kma-Record-Count"
+"""The number of lines an export announces before its body."""
 
 
 class KmaError(RuntimeError):
@@ -29,9 +33,30 @@ class KmaError(RuntimeError):
         self.detail = detail
 
 
+class IncompleteExport(KmaError):
+    """An export that did not arrive whole: fewer (or more) lines than the server announced,
+    the connection broken part way, or no count announced at all."""
+
+    def __init__(self, job_id: str, expected: int | None, received: int, reason: str) -> None:
+        message = f"the export of job {job_id} is incomplete: {reason}; no file was written"
+        super().__init__(502, message)  # a bad answer from the server, as a gateway would say
+        self.args = (message,)
+        self.job_id = job_id
+        self.expected = expected
+        self.received = received
+
+
 class Client:
-    def __init__(self, base_url: str, *, timeout: float = 60.0) -> None:
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.http = httpx.Client(
+            base_url=base_url.rstrip("/"), timeout=timeout, transport=transport
+        )
 
     def _json(self, response: httpx.Response) -> Any:
         if response.is_error:
@@ -102,16 +127,58 @@ class Client:
             time.sleep(poll_seconds)
 
     def download(self, job_id: str, dest: str | Path, *, policy: str = "suggested") -> int:
-        """Stream the export to a file; returns the number of lines written."""
+        """Stream the export to `dest`; returns the number of lines written.
+
+        The lines go to a temporary file beside `dest`, which replaces `dest` only once their
+        number equals the one the server announced. Otherwise the temporary file is removed,
+        `dest` is left as it was, and this raises `IncompleteExport` (or `KmaError` when the
+        server answered an error).
+        """
+        dest = Path(dest)
+        # A name of its own, made like any file (umask permissions, unlike mkstemp's 0600).
+        temporary = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+        try:
+            with temporary.open("xb") as out:
+                lines = self._stream_export(job_id, policy, out)
+            os.replace(temporary, dest)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        return lines
+
+    def _stream_export(self, job_id: str, policy: str, out: IO[bytes]) -> int:
         lines = 0
-        with (
-            self.http.stream("GET", f"/v1/jobs/{job_id}/export", params={"policy": policy}) as r,
-            Path(dest).open("wb") as out,
-        ):
-            if r.is_error:
-                r.read()
-                self._json(r)
-            for chunk in r.iter_bytes():
-                out.write(chunk)
-                lines += chunk.count(b"\n")
+        expected: int | None = None
+        try:
+            with self.http.stream(
+                "GET", f"/v1/jobs/{job_id}/export", params={"policy": policy}
+            ) as r:
+                if r.is_error:
+                    r.read()
+                    self._json(r)
+                announced = r.headers.get(RECORD_COUNT_HEADER)
+                if announced is None or not announced.isdigit():
+                    raise IncompleteExport(
+                        job_id,
+                        None,
+                        0,
+                        f"the server announced no {RECORD_COUNT_HEADER} (is it too old?)",
+                    )
+                expected = int(announced)
+                for chunk in r.iter_bytes():
+                    out.write(chunk)
+                    lines += chunk.count(b"\n")
+        except httpx.HTTPError as exc:
+            if expected is None:
+                raise
+            raise IncompleteExport(
+                job_id,
+                expected,
+                lines,
+                f"the connection broke after {lines} of {expected} records ({exc})",
+            ) from exc
+        if lines != expected:
+            raise IncompleteExport(
+                job_id, expected, lines, f"received {lines} records, {expected} announced"
+            )
         return lines

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -16,9 +21,12 @@ from sqlalchemy.orm import Session
 
 from app.audit.schemas import Audit, Category, SuggestedAction
 from app.db import make_engine, session_scope
+from app.jobs import repository as jobs_repository
 from app.models import Chunk, Job, JobStatus, Verdict, utcnow
 from app.queue import WORK, QueueUnavailable, get_queue
 from app.settings import Settings, get_settings
+from kma.cli.processes import free_port
+from kma.client import Client, IncompleteExport
 
 RECORDS = [
     {"id": "a", "question": "Capital of Zorvania?", "answer": "Quell", "group": "P36"},
@@ -351,7 +359,9 @@ def export(client: TestClient, job_id: str, policy: str | None = None) -> list[d
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/x-ndjson"
     assert f"kma-{job_id}-{policy or 'suggested'}.jsonl" in response.headers["content-disposition"]
-    return [json.loads(line) for line in response.text.splitlines()]
+    records = [json.loads(line) for line in response.text.splitlines()]
+    assert response.headers["X-Kma-Record-Count"] == str(len(records))  # announced before
+    return records
 
 
 def answered(record: dict[str, Any], answer: str) -> dict[str, Any]:
@@ -379,6 +389,64 @@ def test_export_every_policy(client: TestClient, session: Session, audited: str)
         for record, a in zip(RECORDS, AUDITS, strict=False)
     ]
     assert annotated[4] == e
+
+
+@pytest.mark.parametrize(
+    ("policy", "count"),
+    [("suggested", 5), ("drop", 3), ("idk", 5), ("student", 5), ("annotate", 5)],
+)
+def test_export_announces_its_record_count(
+    client: TestClient, session: Session, audited: str, policy: str, count: int
+) -> None:
+    set_status(session, audited, JobStatus.SUCCEEDED, finished_at=utcnow())
+    with client.stream("GET", f"/v1/jobs/{audited}/export", params={"policy": policy}) as r:
+        assert r.headers["X-Kma-Record-Count"] == str(count)
+        assert r.read().count(b"\n") == count
+
+
+def test_export_failing_part_way_aborts_the_connection(
+    api: FastAPI,
+    session: Session,
+    audited: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    """Through a real uvicorn and the app's middleware: the body never ends cleanly short."""
+    set_status(session, audited, JobStatus.SUCCEEDED, finished_at=utcnow())
+    many = [({"question": f"Q{i}?", "answer": "A" * 200}, None) for i in range(1000)]
+
+    def records_then_a_fault(*args: Any) -> Iterator[tuple[dict[str, Any], None]]:
+        yield from many  # more than one chunk, so the response has started
+        raise OSError("the database went away")
+
+    monkeypatch.setattr(jobs_repository, "iter_records", records_then_a_fault)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with (
+            pytest.raises(httpx.RemoteProtocolError),  # not a clean, short 200
+            httpx.stream("GET", f"{url}/v1/jobs/{audited}/export") as response,
+        ):
+            assert response.headers["X-Kma-Record-Count"] == "5"
+            for _ in response.iter_bytes():
+                pass
+        dest = tmp_path / "out.jsonl"
+        with pytest.raises(IncompleteExport) as raised:
+            Client(url).download(audited, dest)
+        assert raised.value.expected == 5
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    failures = [r for r in caplog.records if "the export failed" in r.getMessage()]
+    assert failures and audited in failures[0].getMessage()
 
 
 def test_export_of_a_cancelled_job(client: TestClient, audited: str) -> None:

@@ -89,6 +89,16 @@ def list_examples(
     return session.execute(query).all()
 
 
+def count_records(session: Session, job: Job, *, without_flagged: bool) -> int:
+    """How many examples of the job's dataset there are, or how many have no flagged verdict."""
+    query = select(func.count()).select_from(Example).where(Example.dataset_id == job.dataset_id)
+    if without_flagged:
+        query = query.outerjoin(
+            Verdict, and_(Verdict.job_id == job.id, Verdict.position == Example.position)
+        ).where(Verdict.flagged.is_not(True))
+    return session.scalar(query) or 0
+
+
 def iter_records(
     session: Session, job: Job
 ) -> Iterator[tuple[dict[str, Any], dict[str, Any] | None]]:

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
+RECORD_COUNT_HEADER = "X-Kma-Record-Count"
+
 Limit = Annotated[int, Query(ge=1, le=200, description="Items per page.")]
 
 
@@ -123,7 +125,16 @@ def list_examples(
     responses={
         200: {
             "content": {"application/x-ndjson": {}},
-            "description": "The dataset as JSONL, in upload order, rewritten by the policy.",
+            "description": "The dataset as JSONL, in upload order, rewritten by the policy. "
+            "A failure part way aborts the connection: the body never ends cleanly short.",
+            "headers": {
+                RECORD_COUNT_HEADER: {
+                    "description": "The number of lines the body holds: the dataset's "
+                    "examples, or for `drop` those without a flagged verdict. A client keeps "
+                    "the file only when it received exactly this many.",
+                    "schema": {"type": "integer", "minimum": 0},
+                }
+            },
         },
         **NOT_FOUND,
         **conflict("The job is neither succeeded nor cancelled."),
@@ -136,13 +147,17 @@ def export_job(
 
     `suggested` replaces flagged answers by the suggested ones, `drop` removes flagged rows,
     `idk` and `student` answer every flagged row with the idk text or the student's answer,
-    `annotate` keeps every row and adds its `audit` object.
+    `annotate` keeps every row and adds its `audit` object. The `X-Kma-Record-Count` header
+    announces the number of lines.
     """
-    chunks = service.export_job(session, job_id, policy)
+    export = service.export_job(session, job_id, policy)
     return StreamingResponse(
-        chunks,
+        export.chunks,
         media_type="application/x-ndjson",
-        headers={"Content-Disposition": f'attachment; filename="kma-{job_id}-{policy}.jsonl"'},
+        headers={
+            RECORD_COUNT_HEADER: str(export.record_count),
+            "Content-Disposition": f'attachment; filename="kma-{job_id}-{policy}.jsonl"',
+        },
     )
 
 

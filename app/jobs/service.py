@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -30,6 +32,8 @@ from app.jobs.schemas import (
 )
 from app.models import Example as ExampleRow
 from app.models import Job, JobStatus, Verdict, utcnow
+
+log = logging.getLogger(__name__)
 
 EXPORTABLE = (JobStatus.SUCCEEDED, JobStatus.CANCELLED)
 EXPORT_CHUNK_BYTES = 1 << 16
@@ -202,39 +206,56 @@ def list_examples(
     return ExamplePage(items=items, next_cursor=next_cursor)
 
 
-def export_job(session: Session, job_id: uuid.UUID, policy: ExportPolicy) -> Iterator[bytes]:
+@dataclass(frozen=True)
+class Export:
+    """An export about to stream: the number of lines it writes, and its JSONL chunks."""
+
+    record_count: int
+    chunks: Iterator[bytes]
+
+
+def export_job(session: Session, job_id: uuid.UUID, policy: ExportPolicy) -> Export:
     """The dataset as the policy writes it back, as JSONL chunks, in upload order.
 
-    Checks the job now and reads the rows as the chunks are taken. Examples without a verdict
-    (a job cancelled part way) are written unchanged.
+    Checks the job and counts the lines now; reads the rows as the chunks are taken. Examples
+    without a verdict (a job cancelled part way) are written unchanged. A failure while the
+    chunks are taken is logged and raised again: the server then aborts the connection, so a
+    client never takes a short body for a whole one.
     """
     job = _get(session, job_id)
     if job.status not in EXPORTABLE:
         raise Conflict(f"job {job_id} is {job.status.value}: export needs it finished or cancelled")
     idk_text = AuditConfig.model_validate(job.config).idk_text
     record_format = datasets_service.get_dataset(session, job.dataset_id).format
-    return _jsonl(
+    record_count = repository.count_records(session, job, without_flagged=policy == "drop")
+    records = (
         export_record(raw, Audit.model_validate(audit), policy, idk_text, record_format)
         if audit is not None
         else raw
         for raw, audit in repository.iter_records(session, job)
     )
+    return Export(record_count, _jsonl(job_id, records))
 
 
-def _jsonl(records: Iterator[dict[str, Any] | None]) -> Iterator[bytes]:
+def _jsonl(job_id: uuid.UUID, records: Iterator[dict[str, Any] | None]) -> Iterator[bytes]:
     buffer: list[str] = []
-    size = 0
-    for record in records:
-        if record is None:
-            continue
-        line = json.dumps(record, ensure_ascii=False) + "\n"
-        buffer.append(line)
-        size += len(line)
-        if size >= EXPORT_CHUNK_BYTES:
+    size = written = 0
+    try:
+        for record in records:
+            if record is None:
+                continue
+            line = json.dumps(record, ensure_ascii=False) + "\n"
+            buffer.append(line)
+            size += len(line)
+            written += 1
+            if size >= EXPORT_CHUNK_BYTES:
+                yield "".join(buffer).encode()
+                buffer, size = [], 0
+        if buffer:
             yield "".join(buffer).encode()
-            buffer, size = [], 0
-    if buffer:
-        yield "".join(buffer).encode()
+    except Exception:
+        log.exception("job %s: the export failed after %d records; aborting it", job_id, written)
+        raise
 
 
 def _report(job: Job) -> dict[str, Any]:

@@ -5,7 +5,8 @@ Exit codes a pipeline can rely on:
   1  the job failed
   2  the input was refused (invalid dataset or options), or a usage error
   3  the job was cancelled
-  4  the server could not be reached, or answered an error (e.g. no such job)
+  4  the server could not be reached, or answered an error (e.g. no such job), or a download
+     arrived incomplete (connection broken, fewer records than announced): no file is written
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from kma.cli.common import (
     EXIT_SERVER,
     parse_options,
 )
-from kma.client import Client, KmaError
+from kma.client import Client, IncompleteExport, KmaError
 
 EXIT_BY_STATUS = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
 
@@ -112,13 +113,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_download(args: argparse.Namespace) -> int:
     client = Client(args.server)
     out = Path(args.output or f"{args.job_id}.{args.policy}.jsonl")
-    partial = out.with_name(out.name + ".part")
-    try:
-        lines = client.download(args.job_id, partial, policy=args.policy)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    partial.replace(out)
+    lines = client.download(args.job_id, out, policy=args.policy)
     print(f"wrote {lines} records to {out}", file=sys.stderr)
     return EXIT_OK
 
@@ -128,6 +123,9 @@ def run(command: Any, args: argparse.Namespace) -> int:
     try:
         code: int = command(args)
         return code
+    except IncompleteExport as exc:
+        print(f"kma {args.command}: {exc}", file=sys.stderr)
+        return EXIT_SERVER
     except KmaError as exc:
         print(f"kma {args.command}: the server answered {exc.status}:", file=sys.stderr)
         print(describe_error(exc), file=sys.stderr)
