@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from app.audit.schemas import Report
+
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
@@ -78,9 +80,8 @@ class Client:
         result: dict[str, Any] = self._json(self.http.post(f"/v1/jobs/{job_id}/cancel"))
         return result
 
-    def report(self, job_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._json(self.http.get(f"/v1/jobs/{job_id}/report"))
-        return result
+    def report(self, job_id: str) -> Report:
+        return Report.model_validate(self._json(self.http.get(f"/v1/jobs/{job_id}/report")))
 
     def wait(
         self,

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.audit.schemas import AuditConfig
+from app.audit.schemas import AuditConfig, Category, Report
 from app.models import Chunk, Dataset, Example, Generation, Job, JobStatus, Verdict
 from app.queue import RUN_CHUNK
 from workers import jobs
@@ -83,17 +83,20 @@ def test_a_job_runs_to_success(session: Session, engine: FakeEngine) -> None:
     session.refresh(job)
     assert job.status == JobStatus.SUCCEEDED
     assert count(session, Verdict, job.id) == 10
-    report = job.report
-    assert report is not None
-    assert report["categories"] == {
-        "HighlyKnown": 5,
-        "MaybeKnown": 0,
-        "WeaklyKnown": 0,
-        "Unknown": 5,
+    report = Report.model_validate(job.report)
+    assert not report.partial
+    assert (report.num_examples, report.total) == (10, 10)
+    assert report.categories == {
+        Category.HIGHLY_KNOWN: 5,
+        Category.MAYBE_KNOWN: 0,
+        Category.WEAKLY_KNOWN: 0,
+        Category.UNKNOWN: 5,
     }
-    assert report["flagged"] == 5
-    assert len(report["conflicts"]) == 5  # the fake answers 7777 every time
-    assert report["generations"] == report["generations_used"] == 5 * 10 + 5 * 170
+    assert report.groups["numbers"].examples == 10
+    assert report.flagged == 5
+    assert report.conflicts == 5  # the fake answers 7777 every time
+    assert report.generations == report.generations_used == 5 * 10 + 5 * 170
+    assert report.student.model == "fake"
 
 
 def test_a_second_identical_job_generates_nothing(session: Session, engine: FakeEngine) -> None:
@@ -106,10 +109,10 @@ def test_a_second_identical_job_generates_nothing(session: Session, engine: Fake
     run_all(session, second, engine, Recorder())
     session.refresh(second)
     assert len(engine.calls) == calls
-    assert second.report is not None
-    assert second.report["generations"] == 0
-    assert second.report["generations_cached"] == second.report["generations_used"] > 0
-    assert second.report["categories"] == first.report["categories"]  # type: ignore[index]
+    report = Report.model_validate(second.report)
+    assert report.generations == 0
+    assert report.generations_cached == report.generations_used > 0
+    assert report.categories == Report.model_validate(first.report).categories
 
 
 def test_a_chunk_run_twice_writes_each_verdict_once(session: Session, engine: FakeEngine) -> None:

@@ -21,8 +21,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.audit.domain import build_prompts, clean_answer, draw_exemplar_sets
-from app.audit.schemas import AuditConfig
-from app.jobs.schemas import Student
+from app.audit.schemas import AuditConfig, Student
 from app.settings import get_settings
 from workers.cli import free_port, wait_until_ready
 from workers.engines import load_engine

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app.audit.schemas import AuditConfig, Category
+from app.audit.schemas import AuditConfig, Category, Report, Student
 from app.datasets.domain import AUTO, RECORD_FORMATS, DatasetError
 from app.logs import configure_logging
 from app.settings import Settings, get_settings
@@ -50,7 +50,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from workers.engines import load_engine, resolve_engine_name
-    from workers.local_audit import audit_file, read_dataset
+    from workers.local_audit import OUTPUT_FILES, audit_file, read_dataset
 
     try:
         config = AuditConfig(**parse_options(args.config))
@@ -68,6 +68,18 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     engine_name = resolve_engine_name(args.engine)
+    try:
+        student = Student.model_validate(
+            {
+                "model": args.student,
+                "engine": engine_name,
+                "revision": args.revision,
+                "base_url": args.base_url,
+            }
+        )
+    except ValidationError as exc:
+        print(f"kma audit: invalid student:\n  {format_validation_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"loading {args.student} on the {engine_name} engine", file=sys.stderr)
     try:
         engine = load_engine(
@@ -86,29 +98,30 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 engine,
                 config,
                 Path(args.out),
-                engine_name=engine_name,
+                student=student,
                 chunk_size=args.chunk_size,
                 on_progress=bar.update,
             )
     finally:
         engine.close()
     print(format_categories(report), file=sys.stderr)
-    print(f"wrote {args.out}/annotated.jsonl, filtered.jsonl, report.json", file=sys.stderr)
+    print(f"wrote {', '.join(OUTPUT_FILES)} into {args.out}", file=sys.stderr)
     return EXIT_OK
 
 
-def format_categories(report: dict[str, Any]) -> str:
-    total = report["num_examples"] or 1
+def format_categories(report: Report) -> str:
+    total = report.num_examples or 1
     rows = [f"{'category':<12} {'examples':>9} {'share':>7}"]
-    for name in (c.value for c in Category):
-        count = report["categories"].get(name, 0)
-        rows.append(f"{name:<12} {count:>9} {count / total:>7.1%}")
-    rows.append(f"{'flagged':<12} {report['flagged']:>9} {report['flagged'] / total:>7.1%}")
-    rows.append(f"conflicts (student consistent, teacher different): {len(report['conflicts'])}")
+    for category in Category:
+        count = report.categories.get(category, 0)
+        rows.append(f"{category.value:<12} {count:>9} {count / total:>7.1%}")
+    rows.append(f"{'flagged':<12} {report.flagged:>9} {report.flagged / total:>7.1%}")
+    rows.append(f"conflicts (student consistent, teacher different): {report.conflicts}")
     rows.append(
-        f"generations: {report['generations']} new, "
-        f"{report.get('generations_cached', 0)} from the cache"
+        f"generations: {report.generations} new, {report.generations_cached} from the cache"
     )
+    if report.partial:
+        rows.append(f"partial: {report.num_examples} of {report.total} examples audited")
     return "\n".join(rows)
 
 
@@ -278,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         "audit",
         help="audit one dataset locally, no server",
         description="Audit a teacher dataset against a student in this process. Writes "
-        "annotated.jsonl, filtered.jsonl and report.json into --out.",
+        "annotated.jsonl, filtered.jsonl, report.json and conflicts.jsonl into --out.",
     )
     audit.add_argument("file", help="teacher dataset, JSONL")
     audit.add_argument(

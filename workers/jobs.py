@@ -15,17 +15,11 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.audit import repository
-from app.audit.domain import (
-    Verdict,
-    draw_exemplar_sets,
-    exemplar_sets_from_json,
-    exemplar_sets_to_json,
-    summarize,
-)
-from app.audit.schemas import Audit, AuditConfig
+from app.audit.domain import draw_exemplar_sets, exemplar_sets_from_json, exemplar_sets_to_json
+from app.audit.schemas import AuditConfig
 from app.datasets import service as datasets_service
 from app.datasets.domain import Example, parse_record
-from app.jobs import repository as jobs_repository
+from app.jobs.service import build_report
 from app.models import ChunkStatus, Job, JobStatus, utcnow
 from app.models import Example as ExampleRow
 from app.queue import RUN_CHUNK, SEND_WEBHOOK, Queue
@@ -128,26 +122,12 @@ def finalize_job(session: Session, job_id: uuid.UUID, queue: Queue) -> None:
     if job is None or job.status != JobStatus.RUNNING or repository.pending_chunks(session, job_id):
         session.rollback()
         return
-    config = AuditConfig.model_validate(job.config)
-    record_format = dataset_format(session, job.dataset_id)
-    examples: list[Example] = []
-    verdicts: list[Verdict] = []
-    for verdict_row, example_row in repository.iter_verdicts(session, job_id):
-        examples.append(to_example(example_row, record_format))
-        verdicts.append(Verdict(Audit.model_validate(verdict_row.audit), verdict_row.conflict))
-    new, cached = jobs_repository.generation_totals(session, [job_id]).get(job_id, (0, 0))
     job.status = JobStatus.SUCCEEDED
     job.finished_at = utcnow()
-    job.report = {
-        **summarize(examples, verdicts, config),
-        "generations": new,
-        "generations_cached": cached,
-        "student": job.student,
-        "config": job.config,
-        "seconds": round((job.finished_at - (job.started_at or job.created_at)).total_seconds(), 3),
-    }
+    report = build_report(session, job)
+    job.report = report.model_dump(mode="json")
     session.commit()
-    log.info("job %s succeeded: %s examples", job_id, len(verdicts))
+    log.info("job %s succeeded: %s examples", job_id, report.num_examples)
     notify(job, queue)
 
 
