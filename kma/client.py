@@ -19,6 +19,8 @@ from typing import IO, Any
 
 import httpx
 
+from app.audit.schemas import Report
+
 FINISHED = ("succeeded", "failed", "cancelled")
 RECORD_COUNT_HEADER = "X-Kma-Record-Count"
 """The number of lines an export announces before its body."""
@@ -103,9 +105,8 @@ class Client:
         result: dict[str, Any] = self._json(self.http.post(f"/v1/jobs/{job_id}/cancel"))
         return result
 
-    def report(self, job_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._json(self.http.get(f"/v1/jobs/{job_id}/report"))
-        return result
+    def report(self, job_id: str) -> Report:
+        return Report.model_validate(self._json(self.http.get(f"/v1/jobs/{job_id}/report")))
 
     def wait(
         self,

@@ -16,12 +16,13 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.audit.schemas import Audit, Category, SuggestedAction
 from app.db import make_engine, session_scope
 from app.jobs import repository as jobs_repository
+from app.jobs.service import build_report
 from app.models import Chunk, Job, JobStatus, Verdict, utcnow
 from app.queue import WORK, QueueUnavailable, get_queue
 from app.settings import Settings, get_settings
@@ -472,14 +473,149 @@ def test_export_errors(client: TestClient, audited: str) -> None:
 # --- report -------------------------------------------------------------------------------------
 
 
-def test_report_once_written(client: TestClient, session: Session, audited: str) -> None:
+def test_report_of_a_succeeded_job_is_the_stored_one(
+    client: TestClient, session: Session, audited: str
+) -> None:
     response = client.get(f"/v1/jobs/{audited}/report")
     assert response.status_code == 409
     assert "running" in response.json()["detail"]
-    report = {"num_examples": 5, "flagged": 2}
-    set_status(session, audited, JobStatus.SUCCEEDED, report=report)
-    assert client.get(f"/v1/jobs/{audited}/report").json() == report
+    job = set_status(session, audited, JobStatus.SUCCEEDED, finished_at=utcnow())
+    stored = build_report(session, job).model_copy(update={"seconds": 12.5})
+    set_status(session, audited, JobStatus.SUCCEEDED, report=stored.model_dump(mode="json"))
+    assert client.get(f"/v1/jobs/{audited}/report").json() == stored.model_dump(mode="json")
     assert client.get(f"/v1/jobs/{uuid.uuid4()}/report").status_code == 404
+
+
+def test_report_of_a_cancelled_job_is_partial(client: TestClient, audited: str) -> None:
+    assert client.post(f"/v1/jobs/{audited}/cancel").status_code == 200
+    response = client.get(f"/v1/jobs/{audited}/report")
+    assert response.status_code == 200
+    report = response.json()
+    assert report.pop("seconds") == pytest.approx(100, abs=5)
+    assert report.pop("config")["idk_text"] == IDK
+    assert report == {
+        "partial": True,
+        "num_examples": 4,
+        "total": 5,
+        "categories": {"HighlyKnown": 1, "MaybeKnown": 0, "WeaklyKnown": 1, "Unknown": 2},
+        "groups": {
+            "": {
+                "categories": {"HighlyKnown": 0, "MaybeKnown": 0, "WeaklyKnown": 0, "Unknown": 1},
+                "flagged": 1,
+                "examples": 1,
+            },
+            "P112": {
+                "categories": {"HighlyKnown": 0, "MaybeKnown": 0, "WeaklyKnown": 1, "Unknown": 0},
+                "flagged": 0,
+                "examples": 1,
+            },
+            "P131": {
+                "categories": {"HighlyKnown": 0, "MaybeKnown": 0, "WeaklyKnown": 0, "Unknown": 1},
+                "flagged": 1,
+                "examples": 1,
+            },
+            "P36": {
+                "categories": {"HighlyKnown": 1, "MaybeKnown": 0, "WeaklyKnown": 0, "Unknown": 0},
+                "flagged": 0,
+                "examples": 1,
+            },
+        },
+        "flagged": 2,
+        "suggested_actions": {"keep": 2, "relabel_student": 1, "relabel_idk": 1},
+        "conflicts": 0,
+        "generations": 61,
+        "generations_cached": 1,
+        "generations_used": 40,
+        "mode": "adaptive",
+        "student": {"model": "tiny", "engine": "auto", "revision": None, "base_url": None},
+    }
+    page = client.get(f"/v1/jobs/{audited}/report.html")
+    assert page.status_code == 200
+    assert "Partial report" in page.text
+
+
+def test_report_of_a_failed_job_is_partial(
+    client: TestClient, session: Session, audited: str
+) -> None:
+    set_status(session, audited, JobStatus.FAILED, error="boom", finished_at=utcnow())
+    report = client.get(f"/v1/jobs/{audited}/report").json()
+    assert (report["partial"], report["num_examples"], report["total"]) == (True, 4, 5)
+
+
+def test_report_of_a_queued_job_is_not_ready(client: TestClient, dataset_id: str) -> None:
+    job_id = submit(client, dataset_id)["id"]
+    for path in ("report", "report.html"):
+        response = client.get(f"/v1/jobs/{job_id}/{path}")
+        assert response.status_code == 409
+        assert "queued" in response.json()["detail"]
+
+
+def test_the_report_schema_is_named(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    report = spec["paths"]["/v1/jobs/{job_id}/report"]["get"]["responses"]["200"]
+    assert report["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Report"
+    }
+    conflicts = spec["paths"]["/v1/jobs/{job_id}/conflicts"]["get"]["responses"]["200"]
+    assert conflicts["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ConflictPage"
+    }
+    schemas = spec["components"]["schemas"]
+    fields = schemas["Report"]["properties"]
+    assert {"partial", "groups", "conflicts", "generations_used", "student", "config"} <= set(
+        fields
+    )
+    assert fields["groups"]["additionalProperties"] == {"$ref": "#/components/schemas/GroupCounts"}
+    assert all("description" in field for field in fields.values()), [
+        name for name, field in fields.items() if "description" not in field
+    ]
+
+
+# --- conflicts ----------------------------------------------------------------------------------
+
+
+def mark_conflicts(session: Session, job_id: str, positions: list[int]) -> None:
+    session.execute(
+        update(Verdict)
+        .where(Verdict.job_id == uuid.UUID(job_id), Verdict.position.in_(positions))
+        .values(conflict=True)
+    )
+    session.commit()
+
+
+def test_conflicts_pages(client: TestClient, session: Session, audited: str) -> None:
+    assert client.get(f"/v1/jobs/{audited}/conflicts").json() == {"items": [], "next_cursor": None}
+    mark_conflicts(session, audited, [1, 2, 3])
+    first = client.get(f"/v1/jobs/{audited}/conflicts", params={"limit": 2}).json()
+    assert first["items"][0] == {
+        "position": 1,
+        "id": "b",
+        "question": "Who wrote Ombra?",
+        "teacher_answer": "Ann Vey",
+        "student_answer": "Bo Ek",
+        "agreement": 0.95,
+        "category": "Unknown",
+    }
+    assert [i["position"] for i in first["items"]] == [1, 2]
+    assert first["next_cursor"] == "2"
+    second = client.get(
+        f"/v1/jobs/{audited}/conflicts", params={"limit": 2, "cursor": first["next_cursor"]}
+    ).json()
+    assert [i["id"] for i in second["items"]] == ["d"]
+    assert second["next_cursor"] is None
+    job = client.get(f"/v1/jobs/{audited}").json()
+    assert job["links"]["conflicts"] == f"/v1/jobs/{audited}/conflicts"
+
+
+@pytest.mark.parametrize("params", [{"cursor": "abc"}, {"cursor": "-1"}, {"limit": 0}])
+def test_conflicts_refuse_bad_parameters(
+    client: TestClient, audited: str, params: dict[str, str]
+) -> None:
+    assert client.get(f"/v1/jobs/{audited}/conflicts", params=params).status_code == 422
+
+
+def test_conflicts_of_an_unknown_job(client: TestClient) -> None:
+    assert client.get(f"/v1/jobs/{uuid.uuid4()}/conflicts").status_code == 404
 
 
 # --- health -------------------------------------------------------------------------------------

@@ -10,16 +10,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from app.audit.domain import build_prompts, clean_answer, draw_exemplar_sets
-from app.audit.schemas import AuditConfig
+from app.audit.schemas import AuditConfig, Report, Student
 from kma.tiny_student import Fact, write_dataset
-from workers.engines.base import Engine, GenerationRequest
+from workers.engines.base import Engine, GenerationRequest, GenerationResult
 from workers.local_audit import audit_file, read_dataset
 from workers.runner import greedy_options
 
@@ -38,7 +38,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def check_audit(out: Path, facts: list[tuple[Fact, bool]]) -> dict[str, Any]:
+def check_audit(out: Path, facts: list[tuple[Fact, bool]]) -> Report:
     """The audit's verdicts match what the student was taught; returns the report."""
     annotated = read_jsonl(out / "annotated.jsonl")
     assert [r["id"] for r in annotated] == [f.id for f, _ in facts]
@@ -56,36 +56,62 @@ def check_audit(out: Path, facts: list[tuple[Fact, bool]]) -> dict[str, Any]:
         expected = audit["suggested_answer"] if audit["flagged"] else row["answer"]
         assert out_row == {**row, "answer": expected}
 
-    report = json.loads((out / "report.json").read_text())
-    assert report["num_examples"] == len(facts)
-    assert sum(report["categories"].values()) == len(facts)
-    assert report["flagged"] == sum(a["flagged"] for a in trained + unseen)
-    assert report["generations"] == sum(r["generations"] for r in [*trained, *unseen])
-    return dict(report)
+    report = Report.model_validate_json((out / "report.json").read_text())
+    assert not report.partial
+    assert report.num_examples == report.total == len(facts)
+    assert sum(report.categories.values()) == len(facts)
+    assert report.flagged == sum(a["flagged"] for a in trained + unseen)
+    assert report.generations == sum(r["generations"] for r in [*trained, *unseen])
+    assert report.generations == report.generations_used
+
+    conflicts = read_jsonl(out / "conflicts.jsonl")
+    assert len(conflicts) == report.conflicts
+    ids = [r["id"] for r in annotated]
+    assert all(ids[c["position"]] == c["id"] for c in conflicts)
+    return report
+
+
+class CountingEngine:
+    """The engine, counting its calls."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.model_id, self.calls = engine, engine.model_id, 0
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        self.calls += 1
+        return self.engine.generate(requests)
+
+    def close(self) -> None:
+        pass
 
 
 def run_audits(
     engine: Engine, engine_name: str, dataset: Path, out: Path
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[tuple[Report, int], tuple[Report, int]]:
+    """Each mode's report and engine calls."""
     records = read_dataset(dataset)
-    reports = []
+    student = Student.model_validate({"model": engine.model_id, "engine": engine_name})
+    runs = []
     for mode in ("adaptive", "full"):
-        reports.append(
-            audit_file(records, engine, AuditConfig(mode=mode), out / mode, engine_name=engine_name)
-        )
-    return reports[0], reports[1]
+        counting = CountingEngine(engine)
+        report = audit_file(records, counting, AuditConfig(mode=mode), out / mode, student=student)
+        runs.append((report, counting.calls))
+    return runs[0], runs[1]
 
 
 def check_modes(
-    adaptive: dict[str, Any], full: dict[str, Any], out: Path, facts: list[tuple[Fact, bool]]
+    adaptive: tuple[Report, int],
+    full: tuple[Report, int],
+    out: Path,
+    facts: list[tuple[Fact, bool]],
 ) -> None:
     check_audit(out / "adaptive", facts)
     check_audit(out / "full", facts)
-    assert adaptive["generations"] <= 0.6 * full["generations"]
-    assert full["generations"] == len(facts) * 10 * (1 + 16)
+    assert adaptive[0].generations <= 0.6 * full[0].generations
+    assert full[0].generations == len(facts) * 10 * (1 + 16)
     # One batch of 100 examples: one greedy call, then one call per sampling round.
-    assert adaptive["engine_calls"] <= 4
-    assert full["engine_calls"] == 2
+    assert adaptive[1] <= 4
+    assert full[1] == 2
 
 
 def test_kma_audit_command_on_hf(
@@ -102,9 +128,10 @@ def test_kma_audit_command_on_hf(
     assert "auditing: 100%" in result.stderr  # the progress bar
     assert "Unknown" in result.stderr  # the category table
     report = check_audit(out, facts)
-    assert report["student"] == {"model": str(student_dir), "engine": "hf"}
+    assert report.student == Student(model=str(student_dir), engine="hf")
     assert sorted(p.name for p in out.iterdir()) == [
         "annotated.jsonl",
+        "conflicts.jsonl",
         "filtered.jsonl",
         "report.json",
     ]

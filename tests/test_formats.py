@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from app.audit.schemas import AuditConfig, Category, SuggestedAction
+from app.audit.schemas import AuditConfig, Category, Report, Student, SuggestedAction
 from app.datasets.domain import (
     RECORD_FORMATS,
     DatasetError,
@@ -27,6 +27,7 @@ from app.datasets.domain import (
     parse_record,
     with_answer,
 )
+from app.jobs import service as jobs_service
 from app.models import Dataset, Job, JobStatus, utcnow
 from app.models import Example as ExampleRow
 from app.queue import get_queue
@@ -557,11 +558,12 @@ def test_a_job_over_a_messages_dataset_runs(session: Session) -> None:
     run_all(session, job, FakeEngine(knows_even_numbers), TaskRecorder())
     session.refresh(job)
     assert job.status == JobStatus.SUCCEEDED
-    assert job.report is not None
-    assert job.report["categories"]["HighlyKnown"] == 3
-    assert {c["question"] for c in job.report["conflicts"]} == {
-        f"What is number {i}?" for i in (1, 3, 5)
-    }
+    report = Report.model_validate(job.report)
+    assert report.categories[Category.HIGHLY_KNOWN] == 3
+    conflicts = jobs_service.list_conflicts(session, job.id, None, 50).items
+    assert [(c.question, c.teacher_answer) for c in conflicts] == [
+        (f"What is number {i}?", str(i)) for i in (1, 3, 5)
+    ]
 
 
 def submit_job(session: Session, dataset_id: uuid.UUID) -> Job:
@@ -588,14 +590,29 @@ def test_kma_audit_writes_back_in_the_files_format(tmp_path: Path) -> None:
     path.write_bytes(jsonl(*dataset_of("sharegpt")))
     records = read_dataset(path)
     assert {r.format for r in records} == {"sharegpt"}
-    audit_file(
-        records, FakeEngine(always(" Vark")), AuditConfig(), tmp_path / "out", engine_name="fake"
-    )
-    filtered = (tmp_path / "out" / "filtered.jsonl").read_text().splitlines()
+    student = Student(model="fake", engine="hf")
+    out = tmp_path / "out"
+    report = audit_file(records, FakeEngine(always(" Vark")), AuditConfig(), out, student=student)
+    filtered = (out / "filtered.jsonl").read_text().splitlines()
     at = ANSWER_AT["sharegpt"]
     assert filtered == [
         json.dumps(put(r, at, "Vark"), ensure_ascii=False) for r in dataset_of("sharegpt")
     ]
+    assert Report.model_validate_json((out / "report.json").read_text()) == report
+    assert report.student == student
+    # The student always answers Vark: every example is a conflict, listed in conflicts.jsonl.
+    conflicts = [json.loads(line) for line in (out / "conflicts.jsonl").read_text().splitlines()]
+    assert report.conflicts == len(conflicts) == len(records)
+    assert conflicts[0] == {
+        "position": 0,
+        "id": records[0].example.id,
+        "question": records[0].example.question,
+        "teacher_answer": records[0].example.answer,
+        "student_answer": "Vark",
+        "agreement": 1.0,
+        "category": "Unknown",
+    }
+    assert [c["position"] for c in conflicts] == list(range(len(records)))
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit.repository import claim_chunk
-from app.audit.schemas import AuditConfig
+from app.audit.schemas import AuditConfig, Category, Report
 from app.jobs import lifecycle
 from app.models import Chunk, Dataset, Example, Generation, Job, JobStatus, Verdict
 from app.queue import WORK
@@ -130,17 +130,20 @@ def test_a_job_runs_to_success(sessions: sessionmaker[Session], engine: FakeEngi
     job = get_job(sessions, job_id)
     assert job.status == JobStatus.SUCCEEDED
     assert count(sessions, Verdict, job_id) == 10
-    report = job.report
-    assert report is not None
-    assert report["categories"] == {
-        "HighlyKnown": 5,
-        "MaybeKnown": 0,
-        "WeaklyKnown": 0,
-        "Unknown": 5,
+    report = Report.model_validate(job.report)
+    assert not report.partial
+    assert (report.num_examples, report.total) == (10, 10)
+    assert report.categories == {
+        Category.HIGHLY_KNOWN: 5,
+        Category.MAYBE_KNOWN: 0,
+        Category.WEAKLY_KNOWN: 0,
+        Category.UNKNOWN: 5,
     }
-    assert report["flagged"] == 5
-    assert report["conflicts"] == 5  # the fake answers 7777 every time
-    assert report["generations"] == report["generations_used"] == 5 * 10 + 5 * 170
+    assert report.groups["numbers"].examples == 10
+    assert report.flagged == 5
+    assert report.conflicts == 5  # the fake answers 7777 every time
+    assert report.generations == report.generations_used == 5 * 10 + 5 * 170
+    assert report.student.model == "fake"
 
 
 def test_a_second_identical_job_generates_nothing(
@@ -156,11 +159,10 @@ def test_a_second_identical_job_generates_nothing(
         session.add(second)
     run_all(worker)
     assert len(engine.calls) == calls
-    done = get_job(sessions, second.id)
-    assert done.report is not None
-    assert done.report["generations"] == 0
-    assert done.report["generations_cached"] == done.report["generations_used"] > 0
-    assert done.report["categories"] == get_job(sessions, first).report["categories"]  # type: ignore[index]
+    report = Report.model_validate(get_job(sessions, second.id).report)
+    assert report.generations == 0
+    assert report.generations_cached == report.generations_used > 0
+    assert report.categories == Report.model_validate(get_job(sessions, first).report).categories
 
 
 def test_a_chunk_whose_lease_ran_out_is_finished_once(

@@ -21,8 +21,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.audit.domain import build_prompts, clean_answer, draw_exemplar_sets
-from app.audit.schemas import AuditConfig
-from app.jobs.schemas import Student
+from app.audit.schemas import AuditConfig, Student
 from app.settings import get_settings
 from kma.cli.processes import free_port, wait_until_ready
 from kma.tiny_student import write_dataset

@@ -20,9 +20,18 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, delete
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.audit.domain import Verdict, summarize
-from app.audit.schemas import Audit, AuditConfig, Category, SuggestedAction
-from app.datasets.domain import parse_record
+from app.audit.domain import Verdict, find_conflicts, summarize
+from app.audit.schemas import (
+    Audit,
+    AuditConfig,
+    Category,
+    GroupCounts,
+    Report,
+    ReportCounts,
+    Student,
+    SuggestedAction,
+)
+from app.datasets.domain import Example, parse_record
 from app.jobs import service
 from app.models import Dataset, Job, JobStatus, utcnow
 from app.models import Example as ExampleRow
@@ -69,8 +78,14 @@ def make_audit(category: Category, action: SuggestedAction, answer: str, agreeme
         agreement=agreement,
         suggested_action=action,
         suggested_answer={KEEP: None, STUDENT: answer, IDK_ACTION: IDK}[action],
-        generations=10,
+        generations={H: 10, M: 10, W: 25, U: 170}[category],
     )
+
+
+def audited_examples() -> tuple[list[Example], list[Verdict]]:
+    examples = [parse_record("qa", raw, i + 1) for i, (raw, *_) in enumerate(AUDITED)]
+    verdicts = [Verdict(make_audit(c, a, s, g), k) for _, c, a, s, g, k in AUDITED]
+    return examples, verdicts
 
 
 def insert_audited_job(session: Session) -> uuid.UUID:
@@ -79,11 +94,7 @@ def insert_audited_job(session: Session) -> uuid.UUID:
     dataset = Dataset(name="zorvania-facts.jsonl", format="qa", num_examples=len(AUDITED))
     session.add(dataset)
     session.flush()
-    examples = [parse_record("qa", raw, i + 1) for i, (raw, *_) in enumerate(AUDITED)]
-    verdicts = [
-        Verdict(make_audit(category, action, answer, agreement), conflict)
-        for _, category, action, answer, agreement, conflict in AUDITED
-    ]
+    examples, verdicts = audited_examples()
     started = utcnow() - timedelta(seconds=75)
     job = Job(
         dataset_id=dataset.id,
@@ -91,13 +102,17 @@ def insert_audited_job(session: Session) -> uuid.UUID:
         student={"model": "tiny-student", "engine": "hf", "revision": None},
         config=config.model_dump(mode="json"),
         total=len(AUDITED),
-        report={
-            **summarize(examples, verdicts, config),
-            "generations": 420,
-            "generations_cached": 12,
-            "student": {"model": "tiny-student"},
-            "seconds": 75.0,
-        },
+        report=Report(
+            **summarize(examples, verdicts).model_dump(),
+            partial=False,
+            total=len(AUDITED),
+            generations=420,
+            generations_cached=12,
+            mode=config.mode,
+            student=Student(model="tiny-student", engine="hf"),
+            config=config,
+            seconds=75.0,
+        ).model_dump(mode="json"),
         started_at=started,
         finished_at=utcnow(),
     )
@@ -131,35 +146,51 @@ def insert_audited_job(session: Session) -> uuid.UUID:
     return job.id
 
 
-# --- the per-group counts ---------------------------------------------------------------------
+# --- the counts -------------------------------------------------------------------------------
 
 
 def test_summarize_counts_per_group() -> None:
-    examples = [parse_record("qa", raw, i + 1) for i, (raw, *_) in enumerate(AUDITED)]
-    verdicts = [Verdict(make_audit(c, a, s, g), k) for _, c, a, s, g, k in AUDITED]
-    report = summarize(examples, verdicts, AuditConfig())
-    zero = {c.value: 0 for c in Category}
-    assert report["groups"] == {
-        "": {**zero, "Unknown": 1, "flagged": 1, "examples": 1},
-        "P112": {**zero, "WeaklyKnown": 1, "flagged": 0, "examples": 1},
-        "P131": {**zero, "HighlyKnown": 1, "Unknown": 1, "flagged": 1, "examples": 2},
-        "P36": {
-            **zero,
-            "HighlyKnown": 1,
-            "MaybeKnown": 1,
-            "Unknown": 1,
-            "flagged": 1,
-            "examples": 3,
-        },
+    examples, verdicts = audited_examples()
+    counts = summarize(examples, verdicts)
+
+    def group(flagged: int, **categories: int) -> GroupCounts:
+        return GroupCounts(
+            categories={c: categories.get(c.value, 0) for c in Category},
+            flagged=flagged,
+            examples=sum(categories.values()),
+        )
+
+    assert counts.groups == {
+        "": group(1, Unknown=1),
+        "P112": group(0, WeaklyKnown=1),
+        "P131": group(1, HighlyKnown=1, Unknown=1),
+        "P36": group(1, HighlyKnown=1, MaybeKnown=1, Unknown=1),
     }
-    assert list(report["groups"]) == sorted(report["groups"])
-    assert report["categories"] == {
-        "HighlyKnown": 2,
-        "MaybeKnown": 1,
-        "WeaklyKnown": 1,
-        "Unknown": 3,
-    }
-    assert [c["id"] for c in report["conflicts"]] == ["b", "f"]
+    assert list(counts.groups) == sorted(counts.groups)
+    assert counts.categories == {H: 2, M: 1, W: 1, U: 3}
+    assert counts.suggested_actions == {KEEP: 4, STUDENT: 2, IDK_ACTION: 1}
+    assert (counts.num_examples, counts.flagged, counts.conflicts) == (7, 3, 2)
+    assert counts.generations_used == 2 * 10 + 10 + 25 + 3 * 170
+    assert [c.id for c in find_conflicts(examples, verdicts)] == ["b", "f"]
+
+
+def test_summarize_fills_every_category_and_action() -> None:
+    counts = summarize([], [])
+    assert counts.categories == dict.fromkeys(Category, 0)
+    assert counts.suggested_actions == dict.fromkeys(SuggestedAction, 0)
+    assert (counts.groups, counts.num_examples, counts.conflicts) == ({}, 0, 0)
+
+
+def test_the_report_counted_in_sql_is_summarize(session: Session) -> None:
+    """The service's report sums the verdicts in PostgreSQL; it must count what `summarize` does."""
+    job = session.get_one(Job, insert_audited_job(session))
+    report = service.build_report(session, job)
+    examples, verdicts = audited_examples()
+    assert ReportCounts.model_validate(report.model_dump()) == summarize(examples, verdicts)
+    assert not report.partial
+    assert report.total == len(AUDITED)
+    assert report.student == Student(model="tiny-student", engine="hf")
+    assert report.config == AuditConfig(idk_text=IDK)
 
 
 # --- the page as served -----------------------------------------------------------------------
@@ -217,15 +248,39 @@ def test_report_page_caps_the_flagged_rows(
     assert [texts[0] for _, texts in Dom(page).tables["flagged-table"]] == ["b", "c"]
 
 
+def test_report_page_caps_the_conflicts(
+    client: TestClient, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = insert_audited_job(session)
+    monkeypatch.setattr(service, "REPORT_PAGE_CONFLICTS", 1)
+    page = client.get(f"/v1/jobs/{job_id}/report.html").text
+    assert "Showing the first 1 conflicts; 1 more" in page
+    assert f'href="/v1/jobs/{job_id}/conflicts"' in page
+    assert [texts[0] for _, texts in Dom(page).tables["conflict-table"]] == ["b"]
+
+
 def test_report_page_of_an_older_report(client: TestClient, session: Session) -> None:
-    """A report written before per-group counts still renders."""
+    """A report stored before reports were typed is counted again from the verdicts."""
     job_id = insert_audited_job(session)
     job = session.get_one(Job, job_id)
-    job.report = {"num_examples": 7, "flagged": 3}
+    job.report = {"num_examples": 7, "flagged": 3, "conflicts": []}
     session.commit()
     response = client.get(f"/v1/jobs/{job_id}/report.html")
     assert response.status_code == 200
-    assert "written before per-group counts" in response.text
+    assert "3 · 42.9%" in response.text
+    assert '">P36</td>' in response.text
+
+
+def test_report_page_of_a_cancelled_job(client: TestClient, session: Session) -> None:
+    """Cancelled part way: the page shows what was audited, said to be partial."""
+    job_id = insert_audited_job(session)
+    job = session.get_one(Job, job_id)
+    job.status, job.report, job.total = JobStatus.CANCELLED, None, 10
+    session.commit()
+    response = client.get(f"/v1/jobs/{job_id}/report.html")
+    assert response.status_code == 200
+    assert "Partial report: the job was cancelled after auditing 7 of 10 examples" in response.text
+    assert "Marr &amp; Co" in response.text
 
 
 # --- the page in a browser --------------------------------------------------------------------

@@ -145,15 +145,16 @@ def test_serve_audits_over_http(
             assert i == s == g == row
 
     report = client.report(job["id"])
-    assert report["flagged"] == len(flagged)
-    assert report["generations"] > 0
+    assert not report.partial
+    assert report.flagged == len(flagged)
+    assert report.generations > 0
 
     again = client.wait(client.create_job(dataset["id"], student)["id"], timeout=600)
     assert again["status"] == "succeeded"
     second = client.report(again["id"])
-    assert second["generations"] == 0
-    assert second["generations_cached"] == report["generations_used"]
-    assert second["categories"] == report["categories"]
+    assert second.generations == 0
+    assert second.generations_cached == report.generations_used
+    assert second.categories == report.categories
 
 
 def kma(*args: str) -> subprocess.CompletedProcess[str]:

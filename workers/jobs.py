@@ -29,7 +29,7 @@ from app.audit.schemas import AuditConfig
 from app.datasets import service as datasets_service
 from app.datasets.domain import Example, parse_record
 from app.jobs import lifecycle
-from app.jobs import service as jobs_service
+from app.jobs.service import build_report
 from app.logs import job_logging
 from app.models import Chunk, ChunkStatus, Job, JobStatus, utcnow
 from app.models import Example as ExampleRow
@@ -362,9 +362,9 @@ def finalize_job(worker: Worker, job_id: uuid.UUID) -> None:
         if repository.has_pending_chunks(session, job_id):
             return
         lifecycle.succeed(job)
-        job.report = jobs_service.build_report(session, job).model_dump(mode="json")
-        examples = job.total
-    log.info("job %s succeeded: %s examples", job_id, examples)
+        report = build_report(session, job)
+        job.report = report.model_dump(mode="json")
+    log.info("job %s succeeded: %s examples", job_id, report.num_examples)
     notify(worker.queue, job)
 
 

@@ -9,15 +9,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from app.audit.domain import draw_exemplar_sets, export_record, summarize
-from app.audit.schemas import AuditConfig
+from app.audit.domain import draw_exemplar_sets, export_record, find_conflicts, summarize
+from app.audit.schemas import AuditConfig, Report, Student
 from app.datasets.domain import AUTO, Record, load_records
 from workers.engines.base import Engine
 from workers.runner import RunStats, audit_batch
 
-OUTPUT_FILES = ("annotated.jsonl", "filtered.jsonl", "report.json")
+OUTPUT_FILES = ("annotated.jsonl", "filtered.jsonl", "report.json", "conflicts.jsonl")
 
 
 def read_dataset(path: Path, record_format: str = AUTO) -> list[Record]:
@@ -32,11 +31,11 @@ def audit_file(
     config: AuditConfig,
     out_dir: Path,
     *,
-    engine_name: str,
+    student: Student,
     chunk_size: int = 512,
     on_progress: Callable[[int], None] = lambda done: None,
-) -> dict[str, Any]:
-    """Audit every record and write the three output files; returns the report.
+) -> Report:
+    """Audit every record and write the four output files (OUTPUT_FILES); returns the report.
 
     The files appear only once all of them are complete: they are written into a temporary
     folder beside `out_dir` and moved in at the end.
@@ -52,16 +51,17 @@ def audit_file(
         stats.add(batch.stats)
         on_progress(len(batch.verdicts))
 
-    report = {
-        **summarize(examples, verdicts, config),
-        "generations": stats.greedy_generations + stats.sampled_generations,
-        "generations_greedy": stats.greedy_generations,
-        "generations_sampled": stats.sampled_generations,
-        "engine_calls": stats.engine_calls,
-        "student": {"model": engine.model_id, "engine": engine_name},
-        "config": config.model_dump(mode="json"),
-        "seconds": round(time.monotonic() - started, 3),
-    }
+    report = Report(
+        **summarize(examples, verdicts).model_dump(),
+        partial=False,
+        total=len(records),
+        generations=stats.greedy_generations + stats.sampled_generations,
+        generations_cached=0,
+        mode=config.mode,
+        student=student,
+        config=config,
+        seconds=round(time.monotonic() - started, 3),
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".kma-", dir=out_dir))
     try:
@@ -79,7 +79,10 @@ def audit_file(
                 )
                 if kept is not None:
                     filt.write(json.dumps(kept, ensure_ascii=False) + "\n")
-        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (staging / "report.json").write_text(report.model_dump_json(indent=2) + "\n")
+        with (staging / "conflicts.jsonl").open("w") as conflicts:
+            for conflict in find_conflicts(examples, verdicts):
+                conflicts.write(conflict.model_dump_json() + "\n")
         for name in OUTPUT_FILES:
             os.replace(staging / name, out_dir / name)
     finally:

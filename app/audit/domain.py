@@ -14,7 +14,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from app.audit.schemas import Audit, AuditConfig, Category, Matcher, SuggestedAction
+from app.audit.schemas import (
+    Audit,
+    AuditConfig,
+    Category,
+    ConflictRead,
+    GroupCounts,
+    Matcher,
+    ReportCounts,
+    SuggestedAction,
+)
 from app.datasets.domain import Example, with_answer
 
 # --- matching ---------------------------------------------------------------------------------
@@ -346,41 +355,92 @@ def export_record(
     return with_answer(format, raw, audit.suggested_answer)
 
 
-def summarize(
-    examples: Sequence[Example], verdicts: Sequence[Verdict], config: AuditConfig
-) -> dict[str, Any]:
-    """The report's counts: per category, per group, flagged, conflicts listed, generations used.
+@dataclass(frozen=True)
+class VerdictTally:
+    """Verdicts that share a group, category, flag, suggested action and conflict flag."""
 
-    `groups` maps each group ("" for examples without one) to its counts per category, its
-    flagged count and its number of examples.
+    group: str
+    category: Category
+    flagged: bool
+    suggested_action: SuggestedAction
+    conflict: bool
+    count: int
+    generations: int
+    """The sum of their audits' `generations`."""
+
+
+def summarize_tallies(tallies: Iterable[VerdictTally]) -> ReportCounts:
+    """The report's counts from verdict tallies, however they were summed (Python or SQL).
+
+    Every category and every suggested action appears, 0 when none; groups are sorted by name.
     """
-    categories: Mapping[str, int] = Counter(v.audit.category.value for v in verdicts)
-    groups: dict[str, dict[str, int]] = {}
-    for ex, v in zip(examples, verdicts, strict=True):
-        counts = groups.setdefault(
-            group_key(ex), {**{c.value: 0 for c in Category}, "flagged": 0, "examples": 0}
+    categories = dict.fromkeys(Category, 0)
+    actions = dict.fromkeys(SuggestedAction, 0)
+    groups: dict[str, GroupCounts] = {}
+    num_examples = flagged = conflicts = generations = 0
+    for t in tallies:
+        group = groups.setdefault(
+            t.group, GroupCounts(categories=dict.fromkeys(Category, 0), flagged=0, examples=0)
         )
-        counts[v.audit.category.value] += 1
-        counts["flagged"] += v.audit.flagged
-        counts["examples"] += 1
-    return {
-        "num_examples": len(verdicts),
-        "categories": {c.value: categories.get(c.value, 0) for c in Category},
-        "groups": dict(sorted(groups.items())),
-        "flagged": sum(v.audit.flagged for v in verdicts),
-        "suggested_actions": dict(Counter(v.audit.suggested_action.value for v in verdicts)),
-        "conflicts": [
-            {
-                "id": ex.id,
-                "question": ex.question,
-                "teacher_answer": ex.answer,
-                "student_answer": v.audit.student_answer,
-                "agreement": v.audit.agreement,
-                "category": v.audit.category.value,
-            }
-            for ex, v in zip(examples, verdicts, strict=True)
-            if v.conflict
-        ],
-        "generations_used": sum(v.audit.generations for v in verdicts),
-        "mode": config.mode,
-    }
+        group.categories[t.category] += t.count
+        group.examples += t.count
+        categories[t.category] += t.count
+        actions[t.suggested_action] += t.count
+        num_examples += t.count
+        generations += t.generations
+        if t.flagged:
+            group.flagged += t.count
+            flagged += t.count
+        if t.conflict:
+            conflicts += t.count
+    return ReportCounts(
+        num_examples=num_examples,
+        categories=categories,
+        groups=dict(sorted(groups.items())),
+        flagged=flagged,
+        suggested_actions=actions,
+        conflicts=conflicts,
+        generations_used=generations,
+    )
+
+
+def summarize(examples: Sequence[Example], verdicts: Sequence[Verdict]) -> ReportCounts:
+    """The report's counts over the examples' verdicts: per category, per group ("" for examples
+    without one), flagged, suggested actions, conflicts, generations used."""
+    sums: dict[tuple[str, Category, bool, SuggestedAction, bool], list[int]] = {}
+    for ex, v in zip(examples, verdicts, strict=True):
+        key = (
+            group_key(ex),
+            v.audit.category,
+            v.audit.flagged,
+            v.audit.suggested_action,
+            v.conflict,
+        )
+        counts = sums.setdefault(key, [0, 0])
+        counts[0] += 1
+        counts[1] += v.audit.generations
+    return summarize_tallies(
+        VerdictTally(*key, count=count, generations=generations)
+        for key, (count, generations) in sums.items()
+    )
+
+
+def conflict_item(position: int, example: Example, audit: Audit) -> ConflictRead:
+    return ConflictRead(
+        position=position,
+        id=example.id,
+        question=example.question,
+        teacher_answer=example.answer,
+        student_answer=audit.student_answer,
+        agreement=audit.agreement,
+        category=audit.category,
+    )
+
+
+def find_conflicts(examples: Sequence[Example], verdicts: Sequence[Verdict]) -> list[ConflictRead]:
+    """The conflicts among the verdicts, by position."""
+    return [
+        conflict_item(position, ex, v.audit)
+        for position, (ex, v) in enumerate(zip(examples, verdicts, strict=True))
+        if v.conflict
+    ]

@@ -286,23 +286,6 @@ def upsert_verdicts(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     )
 
 
-def iter_verdicts(session: Session, job_id: uuid.UUID) -> Iterator[tuple[Verdict, Example]]:
-    job = session.get(Job, job_id)
-    assert job is not None
-    query = (
-        select(Verdict, Example)
-        .join(
-            Example,
-            (Example.dataset_id == job.dataset_id) & (Example.position == Verdict.position),
-        )
-        .where(Verdict.job_id == job_id)
-        .order_by(Verdict.position)
-        .execution_options(yield_per=5000)
-    )
-    for row in session.execute(query):
-        yield row[0], row[1]
-
-
 class SqlGenerationStore:
     """The generation cache in PostgreSQL, each read and write a short transaction of its own:
     what the engine made is committed at once, so a chunk that dies halfway resumes from it."""

@@ -1,4 +1,4 @@
-"""Audit options (every one validated, with the method's defaults) and the audit object."""
+"""Audit options (every one validated, with the method's defaults), the audit object, the report."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import string
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 
 class Category(StrEnum):
@@ -101,3 +101,88 @@ class Audit(BaseModel):
     suggested_action: SuggestedAction
     suggested_answer: str | None
     generations: int
+
+
+class Student(BaseModel):
+    """The model under audit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, description="A Hugging Face model id or a local directory.")
+    engine: Literal["auto", "hf", "vllm", "openai"] = Field(
+        "auto",
+        description="auto: vllm where it imports and a GPU is present, else hf. openai: an "
+        "OpenAI-compatible completions server serving `model` (`vllm serve`, SGLang, ...).",
+    )
+    revision: str | None = Field(None, description="A model revision (branch, tag or commit).")
+    base_url: HttpUrl | None = Field(
+        None,
+        description="The openai engine's server, e.g. http://host:8000/v1; "
+        "unset: the worker's KMA_OPENAI_BASE_URL.",
+    )
+
+    @model_validator(mode="after")
+    def base_url_only_for_openai(self) -> Student:
+        if self.base_url is not None and self.engine != "openai":
+            raise ValueError("base_url is for the openai engine")
+        return self
+
+
+class ConflictRead(BaseModel):
+    """An example the student answers consistently, and differently from the teacher."""
+
+    position: int = Field(description="0-based, in upload order.")
+    id: str = Field(description="The record's id (its line number when it has none).")
+    question: str
+    teacher_answer: str = Field(description="The answer in the dataset.")
+    student_answer: str = Field(description="The student's most frequent answer.")
+    agreement: float = Field(description="Share of the student's outputs equal to its answer.")
+    category: Category
+
+
+class GroupCounts(BaseModel):
+    """One group's counts."""
+
+    categories: dict[Category, int] = Field(description="Examples per category, 0 when none.")
+    flagged: int = Field(description="Examples in a flagged category.")
+    examples: int = Field(description="Examples of the group with a verdict.")
+
+
+class ReportCounts(BaseModel):
+    """What a report counts over the verdicts; the same whether summed in SQL or in Python."""
+
+    num_examples: int = Field(description="Examples with a verdict.")
+    categories: dict[Category, int] = Field(
+        description="Examples per category; every category, 0 when none."
+    )
+    groups: dict[str, GroupCounts] = Field(
+        description='Counts per group (the record\'s relation or topic), by name; "" holds the '
+        "examples without one."
+    )
+    flagged: int = Field(description="Examples in a flagged category (`flag_categories`).")
+    suggested_actions: dict[SuggestedAction, int] = Field(
+        description="Examples per suggested action; every action, 0 when none."
+    )
+    conflicts: int = Field(
+        description="Examples the student answers consistently and differently from the "
+        "teacher (where the teacher may be wrong); listed by `/conflicts` and conflicts.jsonl."
+    )
+    generations_used: int = Field(
+        description="Completions the verdicts rest on (the audits' `generations`), new or cached."
+    )
+
+
+class Report(ReportCounts):
+    """A job's report: the job's API report, the page's data and `kma audit`'s report.json."""
+
+    partial: bool = Field(
+        description="True when the job did not succeed (cancelled or failed): the counts cover "
+        "the examples audited before it stopped."
+    )
+    total: int = Field(description="Examples in the dataset.")
+    generations: int = Field(description="Completions the student generated for this audit.")
+    generations_cached: int = Field(description="Completions taken from the generation cache.")
+    mode: Mode = Field(description="The sampling mode the audit ran in.")
+    student: Student = Field(description="The model audited.")
+    config: AuditConfig = Field(description="The method options the audit ran with.")
+    seconds: float = Field(description="Wall-clock seconds from start to end.")

@@ -6,16 +6,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from app.audit.schemas import Category
+from app.audit.schemas import Category, ConflictRead, GroupCounts, Report
 from app.jobs.schemas import JobLinks
 
 NO_GROUP = "(no group)"
 MAX_GROUPS = 500
-MAX_CONFLICTS = 1000
 
 CATEGORY_COLORS = {
     Category.HIGHLY_KNOWN: "#2e7d32",
@@ -86,15 +84,15 @@ class FlaggedRow:
 
 @dataclass(frozen=True)
 class ReportPage:
-    """What the page shows: the job's stored report and its first flagged rows."""
+    """What the page shows: the job's report, its first flagged rows and its first conflicts."""
 
     job_id: str
     status: str
     dataset_name: str
     finished_at: datetime | None
-    report: Mapping[str, Any]
+    report: Report
     flagged_rows: Sequence[FlaggedRow]
-    flagged_total: int
+    conflict_rows: Sequence[ConflictRead]
     links: JobLinks
 
 
@@ -133,42 +131,41 @@ def _share(part: int, whole: int) -> float:
     return part / whole if whole else 0.0
 
 
-def category_bars(categories: Mapping[str, int]) -> list[Bar]:
+def category_bars(categories: Mapping[Category, int]) -> list[Bar]:
     """One bar per category, in the method's order, scaled to the largest."""
-    total = sum(categories.get(c.value, 0) for c in Category)
-    largest = max((categories.get(c.value, 0) for c in Category), default=0)
+    counts = [categories.get(c, 0) for c in Category]
+    total, largest = sum(counts), max(counts, default=0)
     return [
         Bar(
             category=c.value,
             color=CATEGORY_COLORS[c],
             meaning=CATEGORY_MEANINGS[c],
-            count=categories.get(c.value, 0),
-            share=_share(categories.get(c.value, 0), total),
-            width=_share(categories.get(c.value, 0), largest),
+            count=n,
+            share=_share(n, total),
+            width=_share(n, largest),
         )
-        for c in Category
+        for c, n in zip(Category, counts, strict=True)
     ]
 
 
-def group_rows(groups: Mapping[str, Mapping[str, int]]) -> list[GroupRow]:
+def group_rows(groups: Mapping[str, GroupCounts]) -> list[GroupRow]:
     """The groups, largest first, each with its stacked category bar."""
     rows = []
     for name, counts in groups.items():
-        examples = counts.get("examples", 0)
         segments, x = [], 0.0
         for c in Category:
-            n = counts.get(c.value, 0)
-            width = 100 * _share(n, examples)
+            n = counts.categories.get(c, 0)
+            width = 100 * _share(n, counts.examples)
             if n:
                 segments.append(Segment(c.value, CATEGORY_COLORS[c], n, x, width))
             x += width
         rows.append(
             GroupRow(
                 name=name or NO_GROUP,
-                counts={c.value: counts.get(c.value, 0) for c in Category},
-                flagged=counts.get("flagged", 0),
-                examples=examples,
-                flagged_share=_share(counts.get("flagged", 0), examples),
+                counts={c.value: counts.categories.get(c, 0) for c in Category},
+                flagged=counts.flagged,
+                examples=counts.examples,
+                flagged_share=_share(counts.flagged, counts.examples),
                 segments=segments,
             )
         )
@@ -178,30 +175,17 @@ def group_rows(groups: Mapping[str, Mapping[str, int]]) -> list[GroupRow]:
 def render(page: ReportPage) -> str:
     """The whole page, self-contained: inline CSS, SVG and script, no network."""
     report = page.report
-    categories: Mapping[str, int] = report.get("categories", {})
-    num_examples = int(report.get("num_examples", sum(categories.values())))
-    flagged = int(report.get("flagged", page.flagged_total))
-    groups = group_rows(report.get("groups", {}))
-    conflicts: list[Mapping[str, Any]] = list(report.get("conflicts", []))
-    student = report.get("student") or {}
+    groups = group_rows(report.groups)
     return _templates.get_template("report.html").render(
         page=page,
+        report=report,
         categories=[c.value for c in Category],
         colors={c.value: CATEGORY_COLORS[c] for c in Category},
-        bars=category_bars(categories),
-        num_examples=num_examples,
-        flagged=flagged,
-        flagged_share=_share(flagged, num_examples),
-        has_groups="groups" in report,
+        bars=category_bars(report.categories),
+        flagged_share=_share(report.flagged, report.num_examples),
         groups=groups[:MAX_GROUPS],
         groups_more=max(len(groups) - MAX_GROUPS, 0),
-        conflicts=conflicts[:MAX_CONFLICTS],
-        conflicts_total=len(conflicts),
-        flagged_more=max(page.flagged_total - len(page.flagged_rows), 0),
-        student_model=student.get("model"),
-        mode=report.get("mode"),
-        generations=report.get("generations", report.get("generations_used")),
-        generations_cached=report.get("generations_cached"),
-        seconds=report.get("seconds"),
+        flagged_more=max(report.flagged - len(page.flagged_rows), 0),
+        conflicts_more=max(report.conflicts - len(page.conflict_rows), 0),
         no_group=NO_GROUP,
     )

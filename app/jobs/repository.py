@@ -6,9 +6,11 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import and_, func, select, tuple_
+from sqlalchemy import Integer, and_, func, select, tuple_
 from sqlalchemy.orm import Session
 
+from app.audit.domain import VerdictTally
+from app.audit.schemas import Category, SuggestedAction
 from app.models import Chunk, Example, Job, JobStatus, Verdict
 
 EXPORT_BATCH = 2000
@@ -61,6 +63,46 @@ def generation_totals(
     return {job_id: (int(new), int(cached)) for job_id, new, cached in rows}
 
 
+def verdict_tallies(session: Session, job: Job) -> list[VerdictTally]:
+    """The job's verdicts counted by group, category, flag, suggested action and conflict.
+
+    Summed in the database: the rows grow with the number of groups, not of verdicts.
+    """
+    group = func.coalesce(Example.group, "")
+    action = Verdict.audit["suggested_action"].astext
+    generations = func.coalesce(func.sum(Verdict.audit["generations"].astext.cast(Integer)), 0)
+    rows = session.execute(
+        select(
+            group,
+            Verdict.category,
+            Verdict.flagged,
+            action,
+            Verdict.conflict,
+            func.count(),
+            generations,
+        )
+        .select_from(Verdict)
+        .join(
+            Example,
+            and_(Example.dataset_id == job.dataset_id, Example.position == Verdict.position),
+        )
+        .where(Verdict.job_id == job.id)
+        .group_by(group, Verdict.category, Verdict.flagged, action, Verdict.conflict)
+    )
+    return [
+        VerdictTally(
+            group=group_name,
+            category=Category(category),
+            flagged=flagged,
+            suggested_action=SuggestedAction(suggested_action),
+            conflict=conflict,
+            count=count,
+            generations=int(used),
+        )
+        for group_name, category, flagged, suggested_action, conflict, count, used in rows
+    ]
+
+
 def list_examples(
     session: Session,
     job: Job,
@@ -68,6 +110,8 @@ def list_examples(
     flagged: bool | None,
     after_position: int | None,
     limit: int,
+    *,
+    conflict: bool | None = None,
 ) -> Sequence[tuple[Verdict, Example]]:
     """The job's verdicts with their examples, by position."""
     query = (
@@ -84,6 +128,8 @@ def list_examples(
         query = query.where(Verdict.category == category)
     if flagged is not None:
         query = query.where(Verdict.flagged == flagged)
+    if conflict is not None:
+        query = query.where(Verdict.conflict == conflict)
     if after_position is not None:
         query = query.where(Verdict.position > after_position)
     return session.execute(query).all()

@@ -1,20 +1,20 @@
-"""Job endpoints: submit, poll, cancel, and read the examples, export and report."""
+"""Job endpoints: submit, poll, cancel, and read the examples, conflicts, export and report."""
 
 from __future__ import annotations
 
 import logging
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import HTMLResponse, StreamingResponse
 
 from app.audit.domain import ExportPolicy
-from app.audit.schemas import Category
+from app.audit.schemas import Category, Report
 from app.deps import QueueDep, SessionDep
 from app.errors import NOT_FOUND, ErrorRead, Responses
 from app.jobs import service
-from app.jobs.schemas import ExamplePage, JobCreate, JobPage, JobRead
+from app.jobs.schemas import ConflictPage, ExamplePage, JobCreate, JobPage, JobRead
 from app.models import JobStatus
 from app.queue import SEND_WEBHOOK, WORK, Queue, QueueUnavailable
 
@@ -25,6 +25,9 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 RECORD_COUNT_HEADER = "X-Kma-Record-Count"
 
 Limit = Annotated[int, Query(ge=1, le=200, description="Items per page.")]
+PositionCursor = Annotated[
+    str | None, Query(pattern=r"^\d{1,10}$", description="`next_cursor` of a page.")
+]
 
 
 def conflict(description: str) -> Responses:
@@ -109,13 +112,23 @@ def list_examples(
     job_id: uuid.UUID,
     category: Category | None = None,
     flagged: bool | None = None,
-    cursor: Annotated[
-        str | None, Query(pattern=r"^\d{1,10}$", description="`next_cursor` of a page.")
-    ] = None,
+    cursor: PositionCursor = None,
     limit: Limit = 50,
 ) -> ExamplePage:
     """The examples audited so far, in upload order, each with its record and audit."""
     return service.list_examples(session, job_id, category, flagged, cursor, limit)
+
+
+@router.get("/{job_id}/conflicts", summary="List a job's conflicts", responses=NOT_FOUND)
+def list_conflicts(
+    session: SessionDep,
+    job_id: uuid.UUID,
+    cursor: PositionCursor = None,
+    limit: Limit = 50,
+) -> ConflictPage:
+    """The examples the student answers consistently and differently from the teacher, so far,
+    in upload order: there the teacher may be the one that is wrong."""
+    return service.list_conflicts(session, job_id, cursor, limit)
 
 
 @router.get(
@@ -164,10 +177,15 @@ def export_job(
 @router.get(
     "/{job_id}/report",
     summary="Get a job's report",
-    responses={**NOT_FOUND, **conflict("The job has not finished.")},
+    responses={**NOT_FOUND, **conflict("The job is queued or running.")},
 )
-def get_report(session: SessionDep, job_id: uuid.UUID) -> dict[str, Any]:
-    """The summary: counts per category, flagged, suggested actions, conflicts, generations."""
+def get_report(session: SessionDep, job_id: uuid.UUID) -> Report:
+    """The summary: counts per category and per group, flagged, suggested actions, conflicts,
+    generations.
+
+    A succeeded job's report is the one written when it ended; a cancelled or failed job's is
+    counted now over the verdicts it has, with `partial` true.
+    """
     return service.get_report(session, job_id)
 
 
@@ -175,7 +193,7 @@ def get_report(session: SessionDep, job_id: uuid.UUID) -> dict[str, Any]:
     "/{job_id}/report.html",
     summary="Get a job's report as a page",
     response_class=HTMLResponse,
-    responses={**NOT_FOUND, **conflict("The job has not finished.")},
+    responses={**NOT_FOUND, **conflict("The job is queued or running.")},
 )
 def get_report_page(session: SessionDep, job_id: uuid.UUID) -> HTMLResponse:
     """The report for people: category and per-group charts, conflicts, flagged examples."""

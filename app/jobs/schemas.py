@@ -4,37 +4,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
-from app.audit.schemas import Audit, AuditConfig, Category
+from app.audit.schemas import Audit, AuditConfig, Category, ConflictRead, Student
 from app.models import JobStatus
-
-
-class Student(BaseModel):
-    """The model under audit."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(min_length=1, description="A Hugging Face model id or a local directory.")
-    engine: Literal["auto", "hf", "vllm", "openai"] = Field(
-        "auto",
-        description="auto: vllm where it imports and a GPU is present, else hf. openai: an "
-        "OpenAI-compatible completions server serving `model` (`vllm serve`, SGLang, ...).",
-    )
-    revision: str | None = Field(None, description="A model revision (branch, tag or commit).")
-    base_url: HttpUrl | None = Field(
-        None,
-        description="The openai engine's server, e.g. http://host:8000/v1; "
-        "unset: the worker's KMA_OPENAI_BASE_URL.",
-    )
-
-    @model_validator(mode="after")
-    def base_url_only_for_openai(self) -> Student:
-        if self.base_url is not None and self.engine != "openai":
-            raise ValueError("base_url is for the openai engine")
-        return self
 
 
 class JobCreate(BaseModel):
@@ -66,6 +41,7 @@ class JobLinks(BaseModel):
     self_: str = Field(alias="self")
     examples: str
     export: str
+    conflicts: str
     report: str
     report_html: str = Field(description="The report as a page for people, with charts.")
 
@@ -105,4 +81,9 @@ class ExampleRead(BaseModel):
 
 class ExamplePage(BaseModel):
     items: list[ExampleRead]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page.")
+
+
+class ConflictPage(BaseModel):
+    items: list[ConflictRead]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page.")

@@ -10,16 +10,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.audit.domain import ExportPolicy, export_record
-from app.audit.schemas import Audit, AuditConfig, Category
+from app.audit.domain import ExportPolicy, conflict_item, export_record, summarize_tallies
+from app.audit.schemas import Audit, AuditConfig, Category, ConflictRead, Report, Student
 from app.datasets import service as datasets_service
 from app.datasets.domain import parse_record
 from app.errors import Conflict, NotFound, Unprocessable
 from app.jobs import lifecycle, report_page, repository
 from app.jobs.schemas import (
+    ConflictPage,
     ExamplePage,
     ExampleRead,
     GenerationCounts,
@@ -28,7 +30,6 @@ from app.jobs.schemas import (
     JobPage,
     JobRead,
     Progress,
-    Student,
 )
 from app.models import Example as ExampleRow
 from app.models import Job, JobStatus, Verdict, utcnow
@@ -39,6 +40,8 @@ EXPORTABLE = (JobStatus.SUCCEEDED, JobStatus.CANCELLED)
 EXPORT_CHUNK_BYTES = 1 << 16
 REPORT_PAGE_ROWS = 5000
 """Flagged examples the report page lists; the rest are a link away."""
+REPORT_PAGE_CONFLICTS = 1000
+"""Conflicts the report page lists; the rest are on `/conflicts`."""
 
 
 def _get(session: Session, job_id: uuid.UUID, *, lock: bool = False) -> Job:
@@ -61,6 +64,7 @@ def _links(job_id: uuid.UUID) -> JobLinks:
     return JobLinks(
         self_=path,
         examples=f"{path}/examples",
+        conflicts=f"{path}/conflicts",
         export=f"{path}/export",
         report=f"{path}/report",
         report_html=f"{path}/report.html",
@@ -258,26 +262,71 @@ def _jsonl(job_id: uuid.UUID, records: Iterator[dict[str, Any] | None]) -> Itera
         raise
 
 
-def _report(job: Job) -> dict[str, Any]:
-    if job.report is None:
+def list_conflicts(
+    session: Session, job_id: uuid.UUID, cursor: str | None, limit: int
+) -> ConflictPage:
+    """The job's conflicts so far, by position; `cursor` is the previous page's last position."""
+    job = _get(session, job_id)
+    after = int(cursor) if cursor is not None else None
+    rows = repository.list_examples(session, job, None, None, after, limit + 1, conflict=True)
+    record_format = datasets_service.get_dataset(session, job.dataset_id).format
+    items = [_conflict(record_format, verdict, example) for verdict, example in rows[:limit]]
+    next_cursor = str(items[-1].position) if len(rows) > limit else None
+    return ConflictPage(items=items, next_cursor=next_cursor)
+
+
+def _conflict(record_format: str, verdict: Verdict, example: ExampleRow) -> ConflictRead:
+    teacher = parse_record(record_format, example.raw, example.line)
+    return conflict_item(example.position, teacher, Audit.model_validate(verdict.audit))
+
+
+def build_report(session: Session, job: Job) -> Report:
+    """The job's report from its verdicts as they stand, counted in the database.
+
+    Memory does not grow with the verdicts. `partial` unless the job has succeeded: a cancelled
+    or failed job's report covers the examples audited before it stopped.
+    """
+    counts = summarize_tallies(repository.verdict_tallies(session, job))
+    new, cached = repository.generation_totals(session, [job.id]).get(job.id, (0, 0))
+    config = AuditConfig.model_validate(job.config)
+    ended = job.finished_at or utcnow()
+    return Report(
+        **counts.model_dump(),
+        partial=job.status != JobStatus.SUCCEEDED,
+        total=job.total,
+        generations=new,
+        generations_cached=cached,
+        mode=config.mode,
+        student=Student.model_validate(job.student),
+        config=config,
+        seconds=round((ended - (job.started_at or job.created_at)).total_seconds(), 3),
+    )
+
+
+def _report(session: Session, job: Job) -> Report:
+    """A succeeded job's stored report; a cancelled or failed job's, built now (partial)."""
+    if not job.status.finished:
         raise Conflict(f"job {job.id} is {job.status.value}: the report is written when it ends")
-    return job.report
+    if job.status == JobStatus.SUCCEEDED and job.report is not None:
+        try:
+            return Report.model_validate(job.report)
+        except ValidationError:
+            pass  # stored before reports were typed: its verdicts give the same report
+    return build_report(session, job)
 
 
-def get_report(session: Session, job_id: uuid.UUID) -> dict[str, Any]:
-    return _report(_get(session, job_id))
+def get_report(session: Session, job_id: uuid.UUID) -> Report:
+    return _report(session, _get(session, job_id))
 
 
 def get_report_page(session: Session, job_id: uuid.UUID) -> str:
-    """The report as an HTML page, with the first REPORT_PAGE_ROWS flagged examples."""
+    """The report as an HTML page, with the first flagged examples and conflicts."""
     job = _get(session, job_id)
-    report = _report(job)
+    report = _report(session, job)
     dataset = datasets_service.get_dataset(session, job.dataset_id)
     rows = repository.list_examples(session, job, None, True, None, REPORT_PAGE_ROWS)
-    flagged_total = sum(
-        n
-        for _, flagged, n in repository.verdict_counts(session, [job.id]).get(job.id, [])
-        if flagged
+    conflicts = repository.list_examples(
+        session, job, None, None, None, REPORT_PAGE_CONFLICTS, conflict=True
     )
     page = report_page.ReportPage(
         job_id=str(job.id),
@@ -286,7 +335,9 @@ def get_report_page(session: Session, job_id: uuid.UUID) -> str:
         finished_at=job.finished_at,
         report=report,
         flagged_rows=[_flagged_row(dataset.format, verdict, example) for verdict, example in rows],
-        flagged_total=flagged_total,
+        conflict_rows=[
+            _conflict(dataset.format, verdict, example) for verdict, example in conflicts
+        ],
         links=_links(job.id),
     )
     return report_page.render(page)

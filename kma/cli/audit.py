@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app.audit.schemas import AuditConfig
+from app.audit.schemas import AuditConfig, Student
 from app.datasets.domain import AUTO, RECORD_FORMATS, DatasetError
 from kma.cli.common import (
     EXIT_OK,
@@ -24,7 +24,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from workers.engines import load_engine, resolve_engine_name
-    from workers.local_audit import audit_file, read_dataset
+    from workers.local_audit import OUTPUT_FILES, audit_file, read_dataset
 
     try:
         config = AuditConfig(**parse_options(args.config))
@@ -42,6 +42,18 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     engine_name = resolve_engine_name(args.engine)
+    try:
+        student = Student.model_validate(
+            {
+                "model": args.student,
+                "engine": engine_name,
+                "revision": args.revision,
+                "base_url": args.base_url,
+            }
+        )
+    except ValidationError as exc:
+        print(f"kma audit: invalid student:\n  {format_validation_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"loading {args.student} on the {engine_name} engine", file=sys.stderr)
     try:
         engine = load_engine(
@@ -60,14 +72,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 engine,
                 config,
                 Path(args.out),
-                engine_name=engine_name,
+                student=student,
                 chunk_size=args.chunk_size,
                 on_progress=bar.update,
             )
     finally:
         engine.close()
     print(format_categories(report), file=sys.stderr)
-    print(f"wrote {args.out}/annotated.jsonl, filtered.jsonl, report.json", file=sys.stderr)
+    print(f"wrote {', '.join(OUTPUT_FILES)} into {args.out}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -76,7 +88,7 @@ def add_audit_command(commands: Any) -> None:
         "audit",
         help="audit one dataset locally, no server",
         description="Audit a teacher dataset against a student in this process. Writes "
-        "annotated.jsonl, filtered.jsonl and report.json into --out.",
+        "annotated.jsonl, filtered.jsonl, report.json and conflicts.jsonl into --out.",
     )
     audit.add_argument("file", help="teacher dataset, JSONL")
     audit.add_argument(

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app.audit.schemas import Category
+from app.audit.schemas import Category, Report
 
 # 2 is both a usage error and input the server refused: a pipeline treats them alike.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_SERVER = 0, 1, 2, 3, 4
@@ -34,16 +34,17 @@ def format_validation_error(exc: ValidationError) -> str:
     )
 
 
-def format_categories(report: dict[str, Any]) -> str:
-    total = report["num_examples"] or 1
+def format_categories(report: Report) -> str:
+    total = report.num_examples or 1
     rows = [f"{'category':<12} {'examples':>9} {'share':>7}"]
-    for name in (c.value for c in Category):
-        count = report["categories"].get(name, 0)
-        rows.append(f"{name:<12} {count:>9} {count / total:>7.1%}")
-    rows.append(f"{'flagged':<12} {report['flagged']:>9} {report['flagged'] / total:>7.1%}")
-    rows.append(f"conflicts (student consistent, teacher different): {len(report['conflicts'])}")
+    for category in Category:
+        count = report.categories.get(category, 0)
+        rows.append(f"{category.value:<12} {count:>9} {count / total:>7.1%}")
+    rows.append(f"{'flagged':<12} {report.flagged:>9} {report.flagged / total:>7.1%}")
+    rows.append(f"conflicts (student consistent, teacher different): {report.conflicts}")
     rows.append(
-        f"generations: {report['generations']} new, "
-        f"{report.get('generations_cached', 0)} from the cache"
+        f"generations: {report.generations} new, {report.generations_cached} from the cache"
     )
+    if report.partial:
+        rows.append(f"partial: {report.num_examples} of {report.total} examples audited")
     return "\n".join(rows)
