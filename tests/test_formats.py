@@ -6,7 +6,6 @@ import copy
 import json
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit.schemas import AuditConfig, Category, Report, Student, SuggestedAction
 from app.datasets.domain import (
@@ -33,8 +32,7 @@ from app.models import Example as ExampleRow
 from app.queue import get_queue
 from app.settings import Settings, get_settings
 from tests.test_api_jobs import IDK, Recorder, add_verdicts, audit, set_status, submit
-from tests.test_jobs import Recorder as TaskRecorder
-from tests.test_jobs import knows_even_numbers, run_all
+from tests.test_jobs import knows_even_numbers, make_worker, run_all
 from workers.engines.base import GenerationRequest, GenerationResult
 from workers.engines.fake import FakeEngine
 from workers.local_audit import audit_file, read_dataset
@@ -539,43 +537,40 @@ def test_exports_load_with_hugging_face_datasets(
 # --- the worker and `kma audit` read the dataset's format ----------------------------------------
 
 
-def test_a_job_over_a_messages_dataset_runs(session: Session) -> None:
-    dataset = Dataset(name="numbers", format="messages", num_examples=6)
-    session.add(dataset)
-    session.flush()
-    session.add_all(
-        ExampleRow(
-            dataset_id=dataset.id,
-            position=i,
-            line=i + 1,
-            record_id=str(i + 1),
-            group=None,
-            raw=turns(("user", f"What is number {i}?"), ("assistant", str(i))),
+def test_a_job_over_a_messages_dataset_runs(sessions: sessionmaker[Session]) -> None:
+    with sessions.begin() as session:
+        dataset = Dataset(name="numbers", format="messages", num_examples=6)
+        session.add(dataset)
+        session.flush()
+        session.add_all(
+            ExampleRow(
+                dataset_id=dataset.id,
+                position=i,
+                line=i + 1,
+                record_id=str(i + 1),
+                group=None,
+                raw=turns(("user", f"What is number {i}?"), ("assistant", str(i))),
+            )
+            for i in range(6)
         )
-        for i in range(6)
-    )
-    job = submit_job(session, dataset.id)
-    run_all(session, job, FakeEngine(knows_even_numbers), TaskRecorder())
-    session.refresh(job)
-    assert job.status == JobStatus.SUCCEEDED
-    report = Report.model_validate(job.report)
-    assert report.categories[Category.HIGHLY_KNOWN] == 3
-    conflicts = jobs_service.list_conflicts(session, job.id, None, 50).items
+        job = Job(
+            dataset_id=dataset.id,
+            student={"model": "fake", "engine": "hf"},
+            config=AuditConfig().model_dump(mode="json"),
+            total=6,
+        )
+        session.add(job)
+    engine = FakeEngine(knows_even_numbers)
+    run_all(make_worker(sessions, lambda student: engine))
+    with sessions() as session:
+        done = session.get_one(Job, job.id)
+        assert done.status == JobStatus.SUCCEEDED
+        report = Report.model_validate(done.report)
+        assert report.categories[Category.HIGHLY_KNOWN] == 3
+        conflicts = jobs_service.list_conflicts(session, job.id, None, 50).items
     assert [(c.question, c.teacher_answer) for c in conflicts] == [
         (f"What is number {i}?", str(i)) for i in (1, 3, 5)
     ]
-
-
-def submit_job(session: Session, dataset_id: uuid.UUID) -> Job:
-    job = Job(
-        dataset_id=dataset_id,
-        student={"model": "fake", "engine": "hf"},
-        config=AuditConfig().model_dump(mode="json"),
-        total=6,
-    )
-    session.add(job)
-    session.commit()
-    return job
 
 
 def always(text: str) -> Callable[[GenerationRequest], GenerationResult]:
