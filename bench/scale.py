@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -37,12 +38,16 @@ from typing import Any
 
 import httpx
 import psycopg
+from sqlalchemy.orm import Session
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from app.audit.schemas import AuditConfig  # noqa: E402
+from app.db import make_engine  # noqa: E402
 from app.embedded import start_redis, stop_redis  # noqa: E402
+from app.jobs.service import build_report  # noqa: E402
+from app.models import Job  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from bench.upload_export import (  # noqa: E402
     MB,
@@ -198,6 +203,20 @@ class Timeline:
     engine_calls: int
 
 
+def time_report(database_url: str, job_id: str) -> float:
+    """Seconds the finalize step's report takes: the same aggregation, timed apart (the job's
+    `finished_at` is stamped before it runs, in the same transaction)."""
+    engine = make_engine(database_url)
+    try:
+        with Session(engine) as session:
+            job = session.get_one(Job, uuid.UUID(job_id))
+            started = time.perf_counter()
+            build_report(session, job)
+            return time.perf_counter() - started
+    finally:
+        engine.dispose()
+
+
 def timeline(database_url: str, job_id: str) -> Timeline:
     """From the database: planning (created to started), running (started to the last chunk's
     end), finalizing (the last chunk's end to finished), and the chunks' counters."""
@@ -275,6 +294,7 @@ class Result:
     plan_s: float
     run_s: float
     finalize_s: float
+    report_s: float
     job_s: float
     export_s: float
     examples_per_s: float
@@ -334,6 +354,7 @@ def run(examples: int, config: AuditConfig, work_dir: Path, keep: bool, timeout:
         job_id = submit(client, dataset_id, config)
         job = follow(client, database_url, job_id, worker, worker_sampler, timeout)
         steps = timeline(database_url, job_id)
+        report_s = time_report(database_url, job_id)
         print(
             f"job: plan {steps.plan_s:.1f} s, run {steps.run_s:.1f} s, "
             f"finalize {steps.finalize_s:.1f} s",
@@ -364,6 +385,7 @@ def run(examples: int, config: AuditConfig, work_dir: Path, keep: bool, timeout:
             plan_s=steps.plan_s,
             run_s=steps.run_s,
             finalize_s=steps.finalize_s,
+            report_s=report_s,
             job_s=steps.job_s,
             export_s=exported.seconds,
             examples_per_s=examples / steps.run_s,
@@ -403,6 +425,7 @@ def table(result: Result) -> str:
             f"examples/s, {result.generations_per_s:,.0f} generations/s",
         ),
         ("finalize", f"{result.finalize_s:.1f} s (last chunk to finished)"),
+        ("report", f"{result.report_s:.1f} s (the finalize step's aggregation, timed apart)"),
         ("export annotate", f"{result.export_s:.1f} s, {n / result.export_s:,.0f} rows/s"),
         ("generations", f"{result.generations:,} new, {result.cached_generations:,} cached"),
         ("categories", json.dumps(result.categories)),
