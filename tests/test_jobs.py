@@ -25,6 +25,7 @@ from app.settings import Settings
 from workers import jobs
 from workers.engines.base import EngineUnavailable, GenerationRequest, GenerationResult
 from workers.engines.fake import FakeEngine
+from workers.engines.openai import CompletionServerError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -293,6 +294,20 @@ def test_a_student_that_cannot_load_fails_the_job_with_a_clear_error(
     assert job.status == JobStatus.FAILED
     assert job.error == "the student model 'fake' could not be loaded by the hf engine"
     assert job.finished_at is not None
+
+
+def test_an_engine_server_that_refuses_fails_the_job_without_its_answer(
+    sessions: sessionmaker[Session],
+) -> None:
+    job_id = make_job(sessions, 4)
+
+    def refused(request: GenerationRequest) -> GenerationResult:
+        raise CompletionServerError("POST http://10.0.0.7:8000/v1/completions: 400 secret body")
+
+    run_all(make_worker(sessions, lambda student: FakeEngine(refused)))
+    job = get_job(sessions, job_id)
+    assert job.status == JobStatus.FAILED
+    assert job.error == "the student's engine refused a request (see the worker logs)"
 
 
 def test_an_unexpected_error_fails_the_job_after_the_limit(

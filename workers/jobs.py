@@ -35,7 +35,7 @@ from app.models import Chunk, ChunkStatus, Job, JobStatus, utcnow
 from app.models import Example as ExampleRow
 from app.queue import SEND_WEBHOOK, WORK, Queue, QueueUnavailable
 from app.settings import Settings
-from workers.engines.base import Engine, EngineUnavailable
+from workers.engines.base import Engine, EngineRefused, EngineUnavailable
 from workers.engines.cached import CachedEngine
 from workers.runner import audit_batch
 
@@ -172,6 +172,12 @@ def run_claimed_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
         except PermanentError as exc:
             log.exception("chunk %s of job %s failed", chunk.index, chunk.job_id)
             fail_job(worker, chunk.job_id, str(exc))
+            return
+        except EngineRefused:
+            log.exception("chunk %s of job %s: the engine refused", chunk.index, chunk.job_id)
+            fail_job(
+                worker, chunk.job_id, "the student's engine refused a request (see the worker logs)"
+            )
             return
         except Exception as exc:
             if not is_transient(exc):

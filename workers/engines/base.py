@@ -39,6 +39,11 @@ class EngineUnavailable(RuntimeError):
     """The engine's server could not be reached, timed out or answered 5xx: worth retrying."""
 
 
+class EngineRefused(RuntimeError):
+    """The engine's server refused a request (4xx, or an answer of the wrong shape): trying
+    again will not mend it."""
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     texts: list[str]

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 
 from workers.engines.base import (
+    EngineRefused,
     EngineUnavailable,
     GenerationRequest,
     GenerationResult,
@@ -19,7 +20,7 @@ from workers.engines.base import (
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
-class CompletionServerError(RuntimeError):
+class CompletionServerError(EngineRefused):
     """The server refused a request, or kept failing after the last retry."""
 
 
