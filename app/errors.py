@@ -12,9 +12,17 @@ class HTTPError(Exception):
 
     status_code: ClassVar[int] = 500
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.headers = headers or {}
+
+
+class Unauthorized(HTTPError):
+    status_code = 401
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, {"WWW-Authenticate": "Bearer"})
 
 
 class NotFound(HTTPError):
@@ -29,6 +37,10 @@ class Unprocessable(HTTPError):
     status_code = 422
 
 
+class TooManyRequests(HTTPError):
+    status_code = 429
+
+
 class ServiceUnavailable(HTTPError):
     status_code = 503
 
@@ -41,3 +53,7 @@ Responses = dict[int | str, dict[str, Any]]
 """Documented error answers of a route, for OpenAPI."""
 
 NOT_FOUND: Responses = {404: {"model": ErrorRead, "description": "No such resource."}}
+AUTH: Responses = {
+    401: {"model": ErrorRead, "description": "No API key, or an unknown or revoked one."},
+    429: {"model": ErrorRead, "description": "Too many requests with this key; see Retry-After."},
+}

@@ -20,6 +20,7 @@ from app.errors import HTTPError
 from app.jobs.router import router as jobs_router
 from app.logs import job_logging
 from app.metrics import router as metrics_router
+from app.workspaces.router import router as workspace_router
 
 DESCRIPTION = """
 Audit a teacher-written QA dataset against a student model before distilling into it.
@@ -50,13 +51,15 @@ def readyz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
         session.execute(text("SELECT 1"))
         checks["database"] = "ok"
     except Exception as exc:
-        checks["database"] = f"error: {exc}"
+        log.warning("readiness: the database does not answer: %s", exc)
+        checks["database"] = "unavailable"
     try:
         with kombu.Connection(settings.broker_url, connect_timeout=2) as connection:
             connection.ensure_connection(max_retries=1, interval_start=0, timeout=2)
         checks["broker"] = "ok"
     except Exception as exc:
-        checks["broker"] = f"error: {exc}"
+        log.warning("readiness: the broker does not answer: %s", exc)
+        checks["broker"] = "unavailable"
     ready = all(value == "ok" for value in checks.values())
     return JSONResponse(
         {"status": "ok" if ready else "unavailable", "checks": checks},
@@ -67,7 +70,7 @@ def readyz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
 def http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPError)
     log.info("%s %s answered %s: %s", request.method, request.url.path, exc.status_code, exc.detail)
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 def invalid_dataset(request: Request, exc: Exception) -> JSONResponse:
@@ -90,13 +93,15 @@ def create_app() -> FastAPI:
         openapi_tags=[
             {"name": "datasets", "description": "Teacher datasets, uploaded as JSONL."},
             {"name": "jobs", "description": "Audits of a dataset against a student model."},
-            {"name": "health", "description": "Liveness and readiness probes."},
+            {"name": "workspace", "description": "The workspace of the request's API key."},
+            {"name": "health", "description": "Liveness, readiness and metrics; no key needed."},
         ],
     )
     app.add_exception_handler(HTTPError, http_error)
     app.add_exception_handler(DatasetError, invalid_dataset)
     app.include_router(datasets_router, prefix="/v1")
     app.include_router(jobs_router, prefix="/v1")
+    app.include_router(workspace_router, prefix="/v1")
     app.include_router(health)
     app.include_router(metrics_router)
     app.add_middleware(JobLogging)

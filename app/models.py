@@ -53,10 +53,42 @@ class ChunkStatus(StrEnum):
     DONE = "done"
 
 
+class Workspace(Base):
+    """Who owns datasets and jobs: a team. Its keys see its own and nothing else."""
+
+    __tablename__ = "workspace"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    webhook_secret: Mapped[str] = mapped_column(Text)
+    """Signs the webhooks of the workspace's jobs."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key, stored as its SHA-256: the key itself is shown once, when it is made."""
+
+    __tablename__ = "api_key"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    workspace_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("workspace.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(255))
+    prefix: Mapped[str] = mapped_column(String(16))
+    """The key's first characters, to tell keys apart in a list."""
+    key_hash: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class Dataset(Base):
     __tablename__ = "dataset"
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    workspace_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("workspace.id", ondelete="CASCADE"), index=True
+    )
     name: Mapped[str] = mapped_column(String(255))
     format: Mapped[str] = mapped_column(String(32))
     num_examples: Mapped[int] = mapped_column(Integer)
@@ -83,6 +115,9 @@ class Job(Base):
     __tablename__ = "job"
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    workspace_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("workspace.id", ondelete="CASCADE"), index=True
+    )
     dataset_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
     status: Mapped[JobStatus] = mapped_column(
         Enum(JobStatus, name="job_status", values_callable=lambda e: [m.value for m in e]),
@@ -92,7 +127,8 @@ class Job(Base):
     config: Mapped[dict[str, Any]]
     webhook_url: Mapped[str | None] = mapped_column(Text)
     idempotency_key: Mapped[str | None] = mapped_column(Text)
-    """The client's `Idempotency-Key`: the same submission retried gives this job back."""
+    """The client's `Idempotency-Key`: the same submission retried gives this job back (keys
+    are the workspace's own)."""
     total: Mapped[int] = mapped_column(Integer, default=0)
     exemplar_sets: Mapped[dict[str, Any] | None]
     report: Mapped[dict[str, Any] | None]
@@ -103,7 +139,7 @@ class Job(Base):
 
     __table_args__ = (
         Index("ix_job_created_at", "created_at"),
-        UniqueConstraint("idempotency_key", name="uq_job_idempotency_key"),
+        UniqueConstraint("workspace_id", "idempotency_key", name="uq_job_idempotency_key"),
     )
 
 

@@ -50,7 +50,14 @@ class Settings(BaseSettings):
         description="How long a worker retries a chunk in place after a lost database, broker "
         "or engine server connection before leaving it to the lease.",
     )
-    webhook_secret: str = Field("", description="Signs webhook bodies (HMAC-SHA256).")
+    allow_anonymous: bool = Field(
+        False,
+        description="Serve requests without an API key, as the default workspace. Off unless "
+        "the operator turns it on.",
+    )
+    rate_limit_per_minute: int = Field(
+        6000, ge=1, description="Requests one API key may make in a minute; more answer 429."
+    )
     webhook_attempts: int = Field(8, ge=1, description="Deliveries tried before giving up.")
     webhook_backoff_seconds: float = Field(
         2.0, gt=0, description="First wait between deliveries; it doubles each time, to 300 s."

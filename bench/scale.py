@@ -52,6 +52,7 @@ from app.settings import Settings  # noqa: E402
 from bench.upload_export import (  # noqa: E402
     MB,
     MemorySampler,
+    api_key,
     api_process,
     database,
     machine,
@@ -339,7 +340,8 @@ def run(examples: int, config: AuditConfig, work_dir: Path, keep: bool, timeout:
             api_process(database_url, broker_url, work_dir / "api.log")
         )
         api_sampler = stack.enter_context(MemorySampler(api.pid))
-        client = stack.enter_context(httpx.Client(base_url=base_url, timeout=None))
+        headers = {"Authorization": f"Bearer {api_key(database_url)}"}
+        client = stack.enter_context(httpx.Client(base_url=base_url, timeout=None, headers=headers))
 
         api_sampler.phase = "upload"
         dataset_id, upload_s = upload(client, dataset_path, examples)

@@ -35,12 +35,14 @@ import httpx
 import psutil  # type: ignore[import-untyped]
 import psycopg
 import redis
+from sqlalchemy.orm import Session
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from app.db import migrate  # noqa: E402
+from app.db import make_engine, migrate  # noqa: E402
 from app.embedded import ensure_database, start_postgres, start_redis, stop_redis  # noqa: E402
+from app.workspaces.service import create_key  # noqa: E402
 from kma.cli.processes import free_port, stop_process, wait_until_ready  # noqa: E402
 
 SOURCE = REPO.parent / "shared" / "data" / "entityquestions"
@@ -182,6 +184,18 @@ class MemorySampler:
         self._thread.join()
 
 
+def api_key(database_url: str) -> str:
+    """A new key of the default workspace, for the benchmark's requests."""
+    engine = make_engine(database_url)
+    try:
+        with Session(engine) as session:
+            key = create_key(session, "benchmark")[1]
+            session.commit()
+            return key
+    finally:
+        engine.dispose()
+
+
 @contextmanager
 def api_process(
     database_url: str, broker_url: str, log_path: Path
@@ -320,7 +334,8 @@ def run(lines: int, work_dir: Path, keep: bool) -> Result:
         )
         sampler = stack.enter_context(MemorySampler(server.pid))
         baseline = sampler.rss()
-        client = stack.enter_context(httpx.Client(base_url=base_url, timeout=None))
+        headers = {"Authorization": f"Bearer {api_key(database_url)}"}
+        client = stack.enter_context(httpx.Client(base_url=base_url, timeout=None, headers=headers))
 
         sampler.phase = "upload"
         dataset_id, upload_s = upload(client, path, lines)

@@ -1,7 +1,7 @@
 """A Python client for a running kma server.
 
 from kma.client import Client
-client = Client("http://127.0.0.1:8000")
+client = Client("http://127.0.0.1:8000", api_key="kma_...")  # default: KMA_API_KEY
 dataset = client.upload_dataset("teacher.jsonl")
 job = client.create_job(dataset["id"], student={"model": "my/student"})
 job = client.wait(job["id"])
@@ -20,6 +20,8 @@ from typing import IO, Any
 import httpx
 
 from app.audit.schemas import Report
+from app.settings import get_settings
+from app.workspaces.domain import KEY_FILE
 
 FINISHED = ("succeeded", "failed", "cancelled")
 RECORD_COUNT_HEADER = "X-Kma-Record-Count"
@@ -48,16 +50,31 @@ class IncompleteExport(KmaError):
         self.received = received
 
 
+def default_api_key() -> str | None:
+    """`KMA_API_KEY`, else the key `kma serve` saved under the data folder on its first start."""
+    if key := os.environ.get("KMA_API_KEY"):
+        return key
+    path = get_settings().data_dir / KEY_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
 class Client:
+    """`api_key` defaults to `default_api_key()`."""
+
     def __init__(
         self,
         base_url: str,
         *,
+        api_key: str | None = None,
         timeout: float = 60.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        key = api_key or default_api_key()
         self.http = httpx.Client(
-            base_url=base_url.rstrip("/"), timeout=timeout, transport=transport
+            base_url=base_url.rstrip("/"),
+            timeout=timeout,
+            transport=transport,
+            headers={"Authorization": f"Bearer {key}"} if key else None,
         )
 
     def _json(self, response: httpx.Response) -> Any:
@@ -103,6 +120,11 @@ class Client:
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._json(self.http.post(f"/v1/jobs/{job_id}/cancel"))
+        return result
+
+    def workspace(self) -> dict[str, Any]:
+        """The key's workspace: its name and the secret that signs its webhooks."""
+        result: dict[str, Any] = self._json(self.http.get("/v1/workspace"))
         return result
 
     def report(self, job_id: str) -> Report:

@@ -120,6 +120,31 @@ def api(session: Session) -> Iterator[FastAPI]:
     yield app
 
 
+@pytest.fixture
+def api_key(session: Session) -> str:
+    """A key of a workspace of the test's own ("tests"), in the test's session."""
+    from app.workspaces.service import create_key
+
+    key = create_key(session, "tests", TEST_WORKSPACE)[1]
+    session.commit()  # a savepoint: the test's transaction is rolled back at its end
+    return key
+
+
+TEST_WORKSPACE = "tests"
+"""The workspace of the `api_key` fixture's key."""
+
+
+def new_workspace(session: Session, name: str | None = None) -> uuid.UUID:
+    """The workspace named so (made if new), or one of its own, for rows a test writes."""
+    from app.workspaces.service import ensure_workspace
+
+    return ensure_workspace(session, name or f"tests-{uuid.uuid4().hex[:8]}").id
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
 @pytest.fixture(scope="session")
 def broker_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if url := os.environ.get("KMA_TEST_BROKER_URL"):

@@ -104,3 +104,20 @@ def query(database_url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
     server is away."""
     with psycopg.connect(database_url, connect_timeout=2) as conn:
         return list(conn.execute(sql, params).fetchall())
+
+
+def make_key(database_url: str, workspace: str = "default") -> str:
+    """A new API key of the workspace, committed in the database at `database_url`."""
+    from sqlalchemy.orm import Session
+
+    from app.db import make_engine
+    from app.workspaces.service import create_key
+
+    engine = make_engine(database_url)
+    try:
+        with Session(engine) as session:
+            key = create_key(session, "tests", workspace)[1]
+            session.commit()
+            return key
+    finally:
+        engine.dispose()

@@ -16,15 +16,15 @@ from sqlalchemy.orm import Session
 from app.datasets import router as datasets_router
 from app.models import Dataset, Example
 from app.settings import Settings, get_settings
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, bearer
 
 MAX_ERRORS = 3
 
 
 @pytest.fixture
-def client(api: FastAPI) -> Iterator[TestClient]:
+def client(api: FastAPI, api_key: str) -> Iterator[TestClient]:
     api.dependency_overrides[get_settings] = lambda: Settings(max_upload_errors=MAX_ERRORS)
-    with TestClient(api) as client:
+    with TestClient(api, headers=bearer(api_key)) as client:
         yield client
 
 

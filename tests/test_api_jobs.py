@@ -28,6 +28,7 @@ from app.queue import WORK, QueueUnavailable, get_queue
 from app.settings import Settings, get_settings
 from kma.cli.processes import free_port
 from kma.client import Client, IncompleteExport
+from tests.conftest import bearer
 
 RECORDS = [
     {"id": "a", "question": "Capital of Zorvania?", "answer": "Quell", "group": "P36"},
@@ -58,10 +59,10 @@ def events() -> list[Any]:
 
 
 @pytest.fixture
-def client(api: FastAPI, events: list[Any], broker_url: str) -> Iterator[TestClient]:
+def client(api: FastAPI, api_key: str, events: list[Any], broker_url: str) -> Iterator[TestClient]:
     api.dependency_overrides[get_queue] = lambda: Recorder(events)
     api.dependency_overrides[get_settings] = lambda: Settings(broker_url=broker_url)
-    with TestClient(api) as client:
+    with TestClient(api, headers=bearer(api_key)) as client:
         yield client
 
 
@@ -407,6 +408,7 @@ def test_export_announces_its_record_count(
 
 def test_export_failing_part_way_aborts_the_connection(
     api: FastAPI,
+    api_key: str,
     session: Session,
     audited: str,
     monkeypatch: pytest.MonkeyPatch,
@@ -433,14 +435,16 @@ def test_export_failing_part_way_aborts_the_connection(
             time.sleep(0.05)
         with (
             pytest.raises(httpx.RemoteProtocolError),  # not a clean, short 200
-            httpx.stream("GET", f"{url}/v1/jobs/{audited}/export") as response,
+            httpx.stream(
+                "GET", f"{url}/v1/jobs/{audited}/export", headers=bearer(api_key)
+            ) as response,
         ):
             assert response.headers["X-Kma-Record-Count"] == "5"
             for _ in response.iter_bytes():
                 pass
         dest = tmp_path / "out.jsonl"
         with pytest.raises(IncompleteExport) as raised:
-            Client(url).download(audited, dest)
+            Client(url, api_key=api_key).download(audited, dest)
         assert raised.value.expected == 5
         assert list(tmp_path.iterdir()) == []
     finally:
@@ -638,7 +642,7 @@ def test_readyz_without_the_broker(client: TestClient) -> None:
     assert response.status_code == 503
     checks = response.json()["checks"]
     assert checks["database"] == "ok"
-    assert checks["broker"].startswith("error")
+    assert checks["broker"] == "unavailable"  # nothing about where it is
 
 
 def test_readyz_without_the_database(client: TestClient) -> None:
@@ -653,7 +657,7 @@ def test_readyz_without_the_database(client: TestClient) -> None:
     response = client.get("/readyz")
     assert response.status_code == 503
     checks = response.json()["checks"]
-    assert checks["database"].startswith("error")
+    assert checks["database"] == "unavailable"
     assert checks["broker"] == "ok"
     engine.dispose()
 

@@ -36,7 +36,7 @@ def chat_student(student_dir: Path, tmp_path: Path) -> Path:
 def test_chat_and_plain_requests_are_cached_apart() -> None:
     plain = GenerationRequest(PROMPT, SamplingOptions())
     chat = GenerationRequest(PROMPT, SamplingOptions(chat=True))
-    assert cache_key("student", plain) != cache_key("student", chat)
+    assert cache_key("", "student", plain) != cache_key("", "student", chat)
 
 
 def test_the_prompt_is_rendered_as_one_user_message(chat_student: Path) -> None:

@@ -24,8 +24,8 @@ from app.db import make_engine
 from app.models import Dataset, Job, JobStatus, utcnow
 from kma.cli.common import EXIT_OK, EXIT_SERVER
 from kma.cli.processes import free_port, stop_process, wait_until_ready
-from tests.conftest import fresh_database
-from tests.servers import clean_env, kill, start_kma
+from tests.conftest import fresh_database, new_workspace
+from tests.servers import clean_env, kill, make_key, start_kma
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +40,17 @@ def finished_job(postgres_admin_url: str) -> Iterator[tuple[str, str]]:
     with fresh_database(postgres_admin_url) as url:
         engine = make_engine(url)
         with Session(engine) as session:
-            dataset = Dataset(name="many.jsonl", format="qa", num_examples=EXAMPLES)
+            dataset = Dataset(
+                workspace_id=new_workspace(session, "default"),
+                name="many.jsonl",
+                format="qa",
+                num_examples=EXAMPLES,
+            )
             session.add(dataset)
             session.flush()
             job = Job(
                 id=uuid.uuid4(),
+                workspace_id=dataset.workspace_id,
                 dataset_id=dataset.id,
                 status=JobStatus.SUCCEEDED,
                 student={"model": "tiny"},
@@ -92,7 +98,7 @@ def finished_job(postgres_admin_url: str) -> Iterator[tuple[str, str]]:
 @pytest.fixture
 def api(
     finished_job: tuple[str, str], broker_url: str, tmp_path: Path
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+) -> Iterator[tuple[str, subprocess.Popen[bytes], str]]:
     database_url, _ = finished_job
     port = free_port()
     env = clean_env(KMA_DATABASE_URL=database_url, KMA_BROKER_URL=broker_url)
@@ -101,16 +107,16 @@ def api(
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(f"{url}/healthz", process, timeout=30)
-        yield url, process
+        yield url, process, make_key(database_url)
     finally:
         if process.poll() is None:
             stop_process(process)
 
 
-def download(job_id: str, out: Path, server: str) -> subprocess.Popen[str]:
+def download(job_id: str, out: Path, server: str, key: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "kma.cli", "download", job_id, "-o", str(out), "--server", server],
-        env=clean_env(),
+        env=clean_env(KMA_API_KEY=key),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -122,14 +128,16 @@ def partial_bytes(folder: Path) -> int:
 
 
 def test_a_killed_server_leaves_no_file(
-    finished_job: tuple[str, str], api: tuple[str, subprocess.Popen[bytes]], tmp_path: Path
+    finished_job: tuple[str, str],
+    api: tuple[str, subprocess.Popen[bytes], str],
+    tmp_path: Path,
 ) -> None:
     _, job_id = finished_job
-    url, server = api
+    url, server, key = api
     whole = tmp_path / "whole"
     whole.mkdir()
     started = time.monotonic()
-    control = download(job_id, whole / "out.jsonl", url)
+    control = download(job_id, whole / "out.jsonl", url, key)
     _, stderr = control.communicate(timeout=60)
     whole_seconds = time.monotonic() - started
     assert control.returncode == EXIT_OK, stderr
@@ -139,7 +147,7 @@ def test_a_killed_server_leaves_no_file(
     folder.mkdir()
     out = folder / "out.jsonl"
     started = time.monotonic()
-    downloading = download(job_id, out, url)
+    downloading = download(job_id, out, url, key)
     while partial_bytes(folder) < 1 << 20:  # the body is flowing: a MiB has arrived
         assert downloading.poll() is None, downloading.communicate()
         assert time.monotonic() - started < 30, "the download did not start"

@@ -29,7 +29,7 @@ from app.settings import Settings
 from kma.cli.processes import free_port, stop_process, wait_until_ready
 from kma.client import Client
 from kma.tiny_student import write_dataset
-from tests.servers import OwnPostgres, OwnRedis, clean_env, kill, query, start_kma
+from tests.servers import OwnPostgres, OwnRedis, clean_env, kill, make_key, query, start_kma
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +48,7 @@ class Stack:
     url: str
     student: dict[str, str]
     dataset_id: str
+    key: str = ""
     api: subprocess.Popen[bytes] | None = None
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     started: int = 0
@@ -104,12 +105,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory, student_dir: Path) -> Iterat
         student={"model": str(student_dir), "engine": "hf"},
         dataset_id="",
     )
+    stack.key = make_key(database_url)
     stack.api = start_kma(
         ["api", "--host", "127.0.0.1", "--port", str(port)], env, root / "api.log"
     )
     try:
         wait_until_ready(f"{stack.url}/readyz", stack.api, timeout=60)
-        stack.dataset_id = str(Client(stack.url).upload_dataset(dataset)["id"])
+        stack.dataset_id = str(Client(stack.url, api_key=stack.key).upload_dataset(dataset)["id"])
         stack.start_worker()
         stack.start_worker()
         yield stack
@@ -192,7 +194,7 @@ class ChunkWatch:
 
 
 def test_workers_killed_at_random_moments(stack: Stack, tmp_path: Path) -> None:
-    client = Client(stack.url)
+    client = Client(stack.url, api_key=stack.key)
     rng = random.Random(7)
     watch = ChunkWatch(stack.database_url)
     job_ids = [stack.submit(client) for _ in range(3)]
@@ -234,7 +236,7 @@ def test_workers_killed_at_random_moments(stack: Stack, tmp_path: Path) -> None:
 
 
 def test_a_postgres_restart_mid_job(stack: Stack, tmp_path: Path) -> None:
-    client = Client(stack.url)
+    client = Client(stack.url, api_key=stack.key)
     job_id = stack.submit(client)
     wait_for(lambda: (stack.done([job_id]) or 0) >= 8, 300, "first verdicts")
     stack.postgres.restart()
@@ -244,7 +246,7 @@ def test_a_postgres_restart_mid_job(stack: Stack, tmp_path: Path) -> None:
 
 
 def test_a_redis_restart_mid_job(stack: Stack, tmp_path: Path) -> None:
-    client = Client(stack.url)
+    client = Client(stack.url, api_key=stack.key)
     job_id = stack.submit(client)
     wait_for(lambda: (stack.done([job_id]) or 0) >= 8, 300, "first verdicts")
     stack.redis.stop()
@@ -259,7 +261,7 @@ def test_redis_down_at_submission(stack: Stack, tmp_path: Path) -> None:
     stack.redis.stop()
     try:
         body = {"dataset_id": stack.dataset_id, "student": stack.student}
-        headers = {"Idempotency-Key": "faults-redis-down"}
+        headers = {"Idempotency-Key": "faults-redis-down", "Authorization": f"Bearer {stack.key}"}
         first = httpx.post(f"{stack.url}/v1/jobs", json=body, headers=headers, timeout=30)
         assert first.status_code == 202, first.text
         retried = httpx.post(f"{stack.url}/v1/jobs", json=body, headers=headers, timeout=30)
@@ -267,17 +269,17 @@ def test_redis_down_at_submission(stack: Stack, tmp_path: Path) -> None:
         assert retried.json()["id"] == first.json()["id"]  # the retry gave the same job
         job_id = first.json()["id"]
         time.sleep(3.0)
-        assert Client(stack.url).get_job(job_id)["status"] == "queued"
+        assert Client(stack.url, api_key=stack.key).get_job(job_id)["status"] == "queued"
     finally:
         stack.redis.start()
     waited = seconds_to_progress(stack, [job_id])
-    client = Client(stack.url)
+    client = Client(stack.url, api_key=stack.key)
     assert_complete(stack, client, job_id, tmp_path)
     stack.results["redis_down_at_submission"] = {"seconds_to_progress": round(waited, 1)}
 
 
 def test_a_cancel_stops_writing_and_frees_the_workers(stack: Stack) -> None:
-    client = Client(stack.url)
+    client = Client(stack.url, api_key=stack.key)
     job_id = stack.submit(client, mode="full")
     wait_for(lambda: (stack.done([job_id]) or 0) >= 4, 300, "first verdicts")
     cancelled = client.cancel(job_id)

@@ -31,6 +31,7 @@ from app.models import Dataset, Job, JobStatus, utcnow
 from app.models import Example as ExampleRow
 from app.queue import get_queue
 from app.settings import Settings, get_settings
+from tests.conftest import bearer, new_workspace
 from tests.test_api_jobs import IDK, Recorder, add_verdicts, audit, set_status, submit
 from tests.test_jobs import knows_even_numbers, make_worker, run_all
 from workers.engines.base import GenerationRequest, GenerationResult
@@ -390,10 +391,10 @@ AUDITS = [
 
 
 @pytest.fixture
-def client(api: FastAPI, broker_url: str) -> Iterator[TestClient]:
+def client(api: FastAPI, api_key: str, broker_url: str) -> Iterator[TestClient]:
     api.dependency_overrides[get_queue] = lambda: Recorder([])
     api.dependency_overrides[get_settings] = lambda: Settings(broker_url=broker_url)
-    with TestClient(api) as client:
+    with TestClient(api, headers=bearer(api_key)) as client:
         yield client
 
 
@@ -539,7 +540,10 @@ def test_exports_load_with_hugging_face_datasets(
 
 def test_a_job_over_a_messages_dataset_runs(sessions: sessionmaker[Session]) -> None:
     with sessions.begin() as session:
-        dataset = Dataset(name="numbers", format="messages", num_examples=6)
+        workspace_id = new_workspace(session)
+        dataset = Dataset(
+            workspace_id=workspace_id, name="numbers", format="messages", num_examples=6
+        )
         session.add(dataset)
         session.flush()
         session.add_all(
@@ -554,6 +558,7 @@ def test_a_job_over_a_messages_dataset_runs(sessions: sessionmaker[Session]) -> 
             for i in range(6)
         )
         job = Job(
+            workspace_id=workspace_id,
             dataset_id=dataset.id,
             student={"model": "fake", "engine": "hf"},
             config=AuditConfig().model_dump(mode="json"),
@@ -567,7 +572,7 @@ def test_a_job_over_a_messages_dataset_runs(sessions: sessionmaker[Session]) -> 
         assert done.status == JobStatus.SUCCEEDED
         report = Report.model_validate(done.report)
         assert report.categories[Category.HIGHLY_KNOWN] == 3
-        conflicts = jobs_service.list_conflicts(session, job.id, None, 50).items
+        conflicts = jobs_service.list_conflicts(session, workspace_id, job.id, None, 50).items
     assert [(c.question, c.teacher_answer) for c in conflicts] == [
         (f"What is number {i}?", str(i)) for i in (1, 3, 5)
     ]

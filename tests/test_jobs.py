@@ -22,6 +22,7 @@ from app.jobs import lifecycle
 from app.models import Chunk, Dataset, Example, Generation, Job, JobStatus, Verdict
 from app.queue import WORK
 from app.settings import Settings
+from tests.conftest import new_workspace
 from workers import jobs
 from workers.engines.base import EngineUnavailable, GenerationRequest, GenerationResult
 from workers.engines.fake import FakeEngine
@@ -73,7 +74,8 @@ def make_worker(
 
 def make_job(sessions: sessionmaker[Session], n: int, **config: Any) -> uuid.UUID:
     with sessions.begin() as session:
-        dataset = Dataset(name="numbers", format="qa", num_examples=n)
+        workspace_id = new_workspace(session)
+        dataset = Dataset(workspace_id=workspace_id, name="numbers", format="qa", num_examples=n)
         session.add(dataset)
         session.flush()
         session.add_all(
@@ -93,6 +95,7 @@ def make_job(sessions: sessionmaker[Session], n: int, **config: Any) -> uuid.UUI
             for i in range(n)
         )
         job = Job(
+            workspace_id=workspace_id,
             dataset_id=dataset.id,
             student={"model": "fake", "engine": "hf"},
             config=AuditConfig(**config).model_dump(mode="json"),
@@ -157,7 +160,13 @@ def test_a_second_identical_job_generates_nothing(
     calls = len(engine.calls)
     with sessions.begin() as session:
         job = get_job(sessions, first)
-        second = Job(dataset_id=job.dataset_id, student=job.student, config=job.config, total=6)
+        second = Job(
+            workspace_id=job.workspace_id,
+            dataset_id=job.dataset_id,
+            student=job.student,
+            config=job.config,
+            total=6,
+        )
         session.add(second)
     run_all(worker)
     assert len(engine.calls) == calls

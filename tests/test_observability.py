@@ -16,12 +16,13 @@ from sqlalchemy.orm import Session
 from app.logs import JsonFormatter, job_logging
 from app.models import Chunk, ChunkStatus, Dataset, Job, JobStatus
 from app.settings import Settings, get_settings
+from tests.conftest import bearer, new_workspace
 
 
 @pytest.fixture
-def client(api: FastAPI, broker_url: str) -> Iterator[TestClient]:
+def client(api: FastAPI, api_key: str, broker_url: str) -> Iterator[TestClient]:
     api.dependency_overrides[get_settings] = lambda: Settings(broker_url=broker_url)
-    with TestClient(api) as client:
+    with TestClient(api, headers=bearer(api_key)) as client:
         yield client
 
 
@@ -35,10 +36,17 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def test_metrics(client: TestClient, session: Session) -> None:
     before = samples(client.get("/metrics").text)
-    dataset = Dataset(name="d", format="qa", num_examples=3)
+    workspace_id = new_workspace(session)
+    dataset = Dataset(workspace_id=workspace_id, name="d", format="qa", num_examples=3)
     session.add(dataset)
     session.flush()
-    job = Job(dataset_id=dataset.id, student={"model": "m"}, config={}, total=3)
+    job = Job(
+        workspace_id=workspace_id,
+        dataset_id=dataset.id,
+        student={"model": "m"},
+        config={},
+        total=3,
+    )
     job.status = JobStatus.RUNNING
     session.add(job)
     session.flush()

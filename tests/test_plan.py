@@ -20,6 +20,7 @@ from app.datasets import service as datasets_service
 from app.datasets.domain import Example as DomainExample
 from app.datasets.domain import parse_record
 from app.models import Chunk, ChunkStatus, Dataset, Job
+from tests.conftest import new_workspace
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -61,7 +62,9 @@ def random_records(chooser: random.Random, shots: int) -> list[dict[str, Any]]:
 def upload(session: Session, records: list[dict[str, Any]]) -> uuid.UUID:
     """Store records through the upload's own path, so `group` is stored as uploads store it."""
     body = "".join(json.dumps(r) + "\n" for r in records).encode()
-    dataset = datasets_service.create_dataset(session, "random", "qa", [body], max_errors=50)
+    dataset = datasets_service.create_dataset(
+        session, new_workspace(session), "random", "qa", [body], max_errors=50
+    )
     session.flush()
     return dataset.id
 
@@ -97,7 +100,9 @@ def test_a_dataset_smaller_than_a_set(session: Session, n: int) -> None:
 
 
 def test_an_empty_dataset_draws_nothing(session: Session) -> None:
-    dataset = Dataset(name="empty", format="qa", num_examples=0)
+    dataset = Dataset(
+        workspace_id=new_workspace(session), name="empty", format="qa", num_examples=0
+    )
     session.add(dataset)
     session.flush()
     assert repository.draw_exemplar_sets(session, dataset.id, "qa", AuditConfig()) == {}
@@ -117,7 +122,9 @@ def test_a_chat_dataset_is_read_in_its_format(session: Session) -> None:
         for i in range(20)
     ]
     body = "".join(json.dumps(r) + "\n" for r in records).encode()
-    dataset = datasets_service.create_dataset(session, "chat", "auto", [body], max_errors=50)
+    dataset = datasets_service.create_dataset(
+        session, new_workspace(session), "chat", "auto", [body], max_errors=50
+    )
     session.flush()
     config = AuditConfig(seed=3)
     examples = [parse_record("messages", r, line) for line, r in enumerate(records, 1)]
@@ -140,7 +147,9 @@ def large_group(i: int) -> str | None:
 
 
 def test_a_large_dataset_draws_with_flat_memory(session: Session) -> None:
-    dataset = Dataset(name="large", format="qa", num_examples=N_LARGE)
+    dataset = Dataset(
+        workspace_id=new_workspace(session), name="large", format="qa", num_examples=N_LARGE
+    )
     session.add(dataset)
     session.flush()
     session.execute(
@@ -179,10 +188,17 @@ def test_a_large_dataset_draws_with_flat_memory(session: Session) -> None:
 
 @pytest.mark.parametrize(("total", "size"), [(10, 4), (8, 4), (3, 100), (0, 4), (1, 1)])
 def test_chunks_cover_the_job_in_order(session: Session, total: int, size: int) -> None:
-    dataset = Dataset(name="d", format="qa", num_examples=total)
+    workspace_id = new_workspace(session)
+    dataset = Dataset(workspace_id=workspace_id, name="d", format="qa", num_examples=total)
     session.add(dataset)
     session.flush()
-    job = Job(dataset_id=dataset.id, student={"model": "m"}, config={}, total=total)
+    job = Job(
+        workspace_id=workspace_id,
+        dataset_id=dataset.id,
+        student={"model": "m"},
+        config={},
+        total=total,
+    )
     session.add(job)
     session.flush()
 

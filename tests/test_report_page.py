@@ -33,9 +33,11 @@ from app.audit.schemas import (
 )
 from app.datasets.domain import Example, parse_record
 from app.jobs import service
-from app.models import Dataset, Job, JobStatus, utcnow
+from app.models import Dataset, Job, JobStatus, Workspace, utcnow
 from app.models import Example as ExampleRow
 from app.models import Verdict as VerdictRow
+from app.workspaces.domain import page_link_token
+from tests.conftest import TEST_WORKSPACE, bearer, new_workspace
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -91,12 +93,19 @@ def audited_examples() -> tuple[list[Example], list[Verdict]]:
 def insert_audited_job(session: Session) -> uuid.UUID:
     """A dataset and a finished job over it, committed as the worker's finalize step leaves them."""
     config = AuditConfig(idk_text=IDK)
-    dataset = Dataset(name="zorvania-facts.jsonl", format="qa", num_examples=len(AUDITED))
+    workspace_id = new_workspace(session, TEST_WORKSPACE)
+    dataset = Dataset(
+        workspace_id=workspace_id,
+        name="zorvania-facts.jsonl",
+        format="qa",
+        num_examples=len(AUDITED),
+    )
     session.add(dataset)
     session.flush()
     examples, verdicts = audited_examples()
     started = utcnow() - timedelta(seconds=75)
     job = Job(
+        workspace_id=workspace_id,
         dataset_id=dataset.id,
         status=JobStatus.SUCCEEDED,
         student={"model": "tiny-student", "engine": "hf", "revision": None},
@@ -197,8 +206,8 @@ def test_the_report_counted_in_sql_is_summarize(session: Session) -> None:
 
 
 @pytest.fixture
-def client(api: FastAPI) -> Iterator[TestClient]:
-    with TestClient(api) as client:
+def client(api: FastAPI, api_key: str) -> Iterator[TestClient]:
+    with TestClient(api, headers=bearer(api_key)) as client:
         yield client
 
 
@@ -216,7 +225,7 @@ def test_report_page_waits_for_the_job(client: TestClient, session: Session) -> 
 def test_report_page_shows_the_audit(client: TestClient, session: Session) -> None:
     job_id = insert_audited_job(session)
     links = client.get(f"/v1/jobs/{job_id}").json()["links"]
-    assert links["report_html"] == f"/v1/jobs/{job_id}/report.html"
+    assert links["report_html"].startswith(f"/v1/jobs/{job_id}/report.html?access=")
 
     response = client.get(links["report_html"])
     assert response.status_code == 200
@@ -414,12 +423,34 @@ def cells(rows: list[tuple[bool, list[str]]]) -> list[list[str]]:
     return [[" ".join(text.split()) for text in texts] for _, texts in rows]
 
 
+def test_a_report_link_opens_the_page_without_a_key(
+    api: FastAPI, client: TestClient, session: Session
+) -> None:
+    job_id = insert_audited_job(session)
+    link = client.get(f"/v1/jobs/{job_id}").json()["links"]["report_html"]
+    with TestClient(api) as browser:  # sends no key
+        assert browser.get(link).status_code == 200
+        assert browser.get(f"/v1/jobs/{job_id}/report.html").status_code == 401
+        expires, mac = link.split("access=")[1].split(".")
+        forged = f"/v1/jobs/{job_id}/report.html?access={int(expires) + 3600}.{mac}"
+        assert browser.get(forged).status_code == 404
+        other = f"/v1/jobs/{uuid.uuid4()}/report.html?access={expires}.{mac}"
+        assert browser.get(other).status_code == 404
+        secret = session.get_one(Workspace, session.get_one(Job, job_id).workspace_id)
+        stale = page_link_token(secret.webhook_secret, job_id, time.time() - 8 * 24 * 3600)
+        assert browser.get(f"/v1/jobs/{job_id}/report.html?access={stale}").status_code == 404
+
+
 def test_report_page_in_a_browser(
-    tmp_path: Path, server_url: str, committed_job: uuid.UUID
+    tmp_path: Path, server_url: str, committed_job: uuid.UUID, db_engine: Engine
 ) -> None:
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is absent: apt-get install -y chromium")
-    url = f"{server_url}/v1/jobs/{committed_job}/report.html"
+    with Session(db_engine) as session:  # the link a job's JSON gives: no key in a browser
+        job = session.get_one(Job, committed_job)
+        secret = session.get_one(Workspace, job.workspace_id).webhook_secret
+    access = page_link_token(secret, committed_job, time.time())
+    url = f"{server_url}/v1/jobs/{committed_job}/report.html?access={access}"
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot = ARTIFACTS / "report_page.png"
     screenshot.unlink(missing_ok=True)
@@ -431,7 +462,7 @@ def test_report_page_in_a_browser(
     assert len(png) > 40_000  # a blank or error page compresses to a few kB
 
     # The DOM after the scripts ran, with the search box filled from ?q=.
-    dom = Dom(chromium(tmp_path, "--dump-dom", f"{url}?q=tarn").stdout)
+    dom = Dom(chromium(tmp_path, "--dump-dom", f"{url}&q=tarn").stdout)
     assert {k: " ".join(v.split()) for k, v in dom.bars.items()} == {
         "HighlyKnown": "HighlyKnown 2 · 28.6%",
         "MaybeKnown": "MaybeKnown 1 · 14.3%",

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import pytest
 
 from app.webhooks import SIGNATURE_HEADER, verify
+from app.workspaces.domain import KEY_FILE
 from kma.cli.processes import free_port, stop_process, wait_until_ready
 from kma.client import Client
 from kma.tiny_student import write_dataset
@@ -36,9 +37,6 @@ def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
 def clean_env(**values: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KMA_")}
     return {**env, **values}
-
-
-WEBHOOK_SECRET = "s3cret"
 
 
 class Receiver(BaseHTTPRequestHandler):
@@ -74,19 +72,21 @@ def read_export(client: Client, job_id: str, policy: str, tmp: Path) -> list[dic
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`kma serve` with no configuration: embedded PostgreSQL and Redis under KMA_DATA_DIR."""
+    """`kma serve` with no configuration: embedded PostgreSQL and Redis under KMA_DATA_DIR.
+
+    Its first start saves a key in the data folder; this module's clients and commands use it
+    through KMA_API_KEY, as a user's shell would.
+    """
     data_dir = tmp_path_factory.mktemp("kma-data")
     port = free_port()
-    env = clean_env(
-        KMA_DATA_DIR=str(data_dir),
-        KMA_WEBHOOK_SECRET=WEBHOOK_SECRET,
-        KMA_WEBHOOK_BACKOFF_SECONDS="0.5",
-    )
+    env = clean_env(KMA_DATA_DIR=str(data_dir), KMA_WEBHOOK_BACKOFF_SECONDS="0.5")
     server = start(["serve", "--port", str(port)], env, data_dir / "log")
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(f"{url}/readyz", server, timeout=180)
-        yield url
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("KMA_API_KEY", (data_dir / KEY_FILE).read_text().strip())
+            yield url
     finally:
         stop_process(server, timeout=60)
         print((data_dir / "log").read_text()[-3000:])
@@ -114,9 +114,11 @@ def test_serve_audits_over_http(
     while len(deliveries) < 2:  # the first delivery was answered 500: kma tries again
         assert time.monotonic() < deadline, f"{len(deliveries)} webhook deliveries"
         time.sleep(0.2)
+    secret = client.workspace()["webhook_secret"]  # the workspace's own, never a default
     for body, signature in deliveries:
-        assert verify(body, signature, WEBHOOK_SECRET)
-        assert signature == "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+        assert verify(body, signature, secret)
+        expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+        assert signature == f"sha256={expected}"
     delivered = json.loads(deliveries[-1][0])
     assert (delivered["id"], delivered["status"]) == (job["id"], "succeeded")
 
@@ -163,7 +165,7 @@ def kma(*args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=600,
-        env=clean_env(),
+        env=clean_env(KMA_API_KEY=os.environ["KMA_API_KEY"]),
     )
 
 

@@ -136,7 +136,7 @@ def plan_next_job(worker: Worker) -> bool:
 def plan_job(session: Session, job: Job, chunk_size: int) -> int:
     """In the caller's transaction: the job's exemplar sets and chunks; returns the chunks."""
     config = AuditConfig.model_validate(job.config)
-    record_format = datasets_service.get_dataset(session, job.dataset_id).format
+    record_format = datasets_service.record_format(session, job.dataset_id)
     sets = repository.draw_exemplar_sets(session, job.dataset_id, record_format, config)
     job.exemplar_sets = exemplar_sets_to_json(sets)
     chunks = repository.add_chunks(session, job.id, job.total, chunk_size)
@@ -216,8 +216,9 @@ def run_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
             raise Stopped(f"the job is {job.status.value if job else 'gone'}")
         config = AuditConfig.model_validate(job.config)
         student = dict(job.student)
+        namespace = str(job.workspace_id)
         sets = exemplar_sets_from_json(job.exemplar_sets or {})
-        record_format = datasets_service.get_dataset(session, job.dataset_id).format
+        record_format = datasets_service.record_format(session, job.dataset_id)
         rows = list(repository.iter_examples(session, job.dataset_id, chunk.start, chunk.stop))
         positions = [row.position for row in rows]
         examples = [to_example(row, record_format) for row in rows]
@@ -225,7 +226,9 @@ def run_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
     started = time.monotonic()
     with Lease(worker, chunk) as lease:
         engine = CachedEngine(
-            load_engine(worker, student), repository.SqlGenerationStore(worker.sessions)
+            load_engine(worker, student),
+            repository.SqlGenerationStore(worker.sessions),
+            namespace=namespace,
         )
         result = audit_batch(
             examples,

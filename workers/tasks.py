@@ -108,13 +108,12 @@ def send_webhook(task: Any, job_id: str) -> None:
     settings = get_settings()
     with job_logging(job_id):
         with get_sessionmaker()() as session:
-            job = jobs_service.get_job(session, uuid.UUID(job_id))
-        if not job.webhook_url:
+            webhook = jobs_service.webhook_of(session, uuid.UUID(job_id))
+        if webhook is None:
             return
         try:
-            body = job.model_dump_json().encode()
-            deliver_webhook(job.webhook_url, body, settings.webhook_secret)
-            log.info("webhook delivered to %s", job.webhook_url)
+            deliver_webhook(webhook.url, webhook.body, webhook.secret)
+            log.info("webhook delivered to %s", webhook.url)
         except httpx.HTTPError as exc:
             attempt = task.request.retries + 1
             if attempt >= settings.webhook_attempts:

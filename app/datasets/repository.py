@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
 import psycopg
 from psycopg.types.json import Json
-from sqlalchemy import func, select
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.orm import Session
 
 from app.datasets.domain import LineError, Record, duplicate_id
-from app.models import Dataset, Example
+from app.models import Dataset, Example, Job
 
 COPY_EXAMPLES = 'COPY example (dataset_id, position, line, record_id, "group", raw) FROM STDIN'
 
@@ -23,6 +23,27 @@ ExampleWriter = Callable[[int, Record], None]
 
 def get_dataset(session: Session, dataset_id: uuid.UUID) -> Dataset | None:
     return session.get(Dataset, dataset_id)
+
+
+def list_datasets(
+    session: Session, workspace_id: uuid.UUID, after: Dataset | None, limit: int
+) -> Sequence[Dataset]:
+    """Newest first; `after` is the last dataset of the previous page."""
+    query = (
+        select(Dataset)
+        .where(Dataset.workspace_id == workspace_id)
+        .order_by(Dataset.created_at.desc(), Dataset.id.desc())
+        .limit(limit)
+    )
+    if after is not None:
+        query = query.where(tuple_(Dataset.created_at, Dataset.id) < (after.created_at, after.id))
+    return session.scalars(query).all()
+
+
+def lock_jobs_of(session: Session, dataset_id: uuid.UUID) -> Sequence[Job]:
+    return session.scalars(
+        select(Job).where(Job.dataset_id == dataset_id).order_by(Job.id).with_for_update()
+    ).all()
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""Dataset endpoints: upload a JSONL file, read a dataset's metadata."""
+"""Dataset endpoints: upload a JSONL file; list, read and delete the workspace's datasets."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import uuid
 from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Query, UploadFile
 
 from app.datasets import service
-from app.datasets.schemas import DatasetRead, InvalidDatasetRead, UploadFormat
-from app.deps import SessionDep, SettingsDep
-from app.errors import NOT_FOUND
+from app.datasets.schemas import DatasetPage, DatasetRead, InvalidDatasetRead, UploadFormat
+from app.deps import SessionDep, SettingsDep, WorkspaceDep
+from app.errors import AUTH, NOT_FOUND
 
 UPLOAD_CHUNK_BYTES = 1 << 20
 
-router = APIRouter(prefix="/datasets", tags=["datasets"])
+router = APIRouter(prefix="/datasets", tags=["datasets"], responses=AUTH)
 
 
 @router.post(
@@ -33,6 +33,7 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 def upload_dataset(
     session: SessionDep,
     settings: SettingsDep,
+    workspace: WorkspaceDep,
     file: Annotated[UploadFile, File(description="JSONL, one record per line.")],
     upload_format: Annotated[
         UploadFormat,
@@ -54,6 +55,7 @@ def upload_dataset(
     chunks = iter(partial(file.file.read, UPLOAD_CHUNK_BYTES), b"")
     dataset = service.create_dataset(
         session,
+        workspace.id,
         name or (file.filename or "dataset.jsonl")[:255],
         upload_format,
         chunks,
@@ -63,6 +65,25 @@ def upload_dataset(
     return DatasetRead.model_validate(dataset)
 
 
+@router.get("", summary="List datasets")
+def list_datasets(
+    session: SessionDep,
+    workspace: WorkspaceDep,
+    cursor: Annotated[uuid.UUID | None, Query(description="`next_cursor` of a page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=200, description="Items per page.")] = 50,
+) -> DatasetPage:
+    """The workspace's datasets, newest first."""
+    return service.list_datasets(session, workspace.id, cursor, limit)
+
+
 @router.get("/{dataset_id}", summary="Get a dataset", responses=NOT_FOUND)
-def get_dataset(session: SessionDep, dataset_id: uuid.UUID) -> DatasetRead:
-    return DatasetRead.model_validate(service.get_dataset(session, dataset_id))
+def get_dataset(session: SessionDep, workspace: WorkspaceDep, dataset_id: uuid.UUID) -> DatasetRead:
+    return DatasetRead.model_validate(service.get_dataset(session, workspace.id, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204, summary="Delete a dataset", responses=NOT_FOUND)
+def delete_dataset(session: SessionDep, workspace: WorkspaceDep, dataset_id: uuid.UUID) -> None:
+    """Delete the dataset and everything made from it: its examples, its jobs (cancelled first
+    if they still run), their verdicts and reports."""
+    service.delete_dataset(session, workspace.id, dataset_id)
+    session.commit()

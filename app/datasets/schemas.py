@@ -24,6 +24,11 @@ class DatasetRead(BaseModel):
     created_at: datetime
 
 
+class DatasetPage(BaseModel):
+    items: list[DatasetRead]
+    next_cursor: uuid.UUID | None = Field(description="Pass as `cursor` for the next page.")
+
+
 class LineErrorRead(BaseModel):
     line: int = Field(description="1-based line number in the uploaded file.")
     field: str | None = Field(description="The record field at fault; null for the whole line.")

@@ -20,15 +20,26 @@ def get_job(session: Session, job_id: uuid.UUID, *, lock: bool = False) -> Job |
     return session.get(Job, job_id, with_for_update=lock)
 
 
-def get_job_by_idempotency_key(session: Session, key: str) -> Job | None:
-    return session.scalars(select(Job).where(Job.idempotency_key == key)).first()
+def get_job_by_idempotency_key(session: Session, workspace_id: uuid.UUID, key: str) -> Job | None:
+    return session.scalars(
+        select(Job).where(Job.workspace_id == workspace_id, Job.idempotency_key == key)
+    ).first()
 
 
 def list_jobs(
-    session: Session, status: JobStatus | None, after: Job | None, limit: int
+    session: Session,
+    workspace_id: uuid.UUID,
+    status: JobStatus | None,
+    after: Job | None,
+    limit: int,
 ) -> Sequence[Job]:
-    """Newest first; `after` is the last job of the previous page."""
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    """The workspace's jobs, newest first; `after` is the last job of the previous page."""
+    query = (
+        select(Job)
+        .where(Job.workspace_id == workspace_id)
+        .order_by(Job.created_at.desc(), Job.id.desc())
+        .limit(limit)
+    )
     if status is not None:
         query = query.where(Job.status == status)
     if after is not None:

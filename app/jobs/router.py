@@ -6,13 +6,14 @@ import logging
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
 
 from app.audit.domain import ExportPolicy
 from app.audit.schemas import Category, Report
-from app.deps import QueueDep, SessionDep
-from app.errors import NOT_FOUND, ErrorRead, Responses
+from app.deps import QueueDep, SessionDep, SettingsDep, WorkspaceDep, bearer, current_workspace
+from app.errors import AUTH, NOT_FOUND, ErrorRead, Responses
 from app.jobs import service
 from app.jobs.schemas import ConflictPage, ExamplePage, JobCreate, JobPage, JobRead
 from app.models import JobStatus
@@ -20,7 +21,7 @@ from app.queue import SEND_WEBHOOK, WORK, Queue, QueueUnavailable
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=AUTH)
 
 RECORD_COUNT_HEADER = "X-Kma-Record-Count"
 
@@ -42,6 +43,7 @@ def conflict(description: str) -> Responses:
 )
 def create_job(
     session: SessionDep,
+    workspace: WorkspaceDep,
     queue: QueueDep,
     job_create: JobCreate,
     idempotency_key: Annotated[
@@ -58,7 +60,7 @@ def create_job(
     Every option is checked now: an invalid one answers 422 naming its field. A stored job
     always starts, even when the broker is down as it is submitted: workers find it then.
     """
-    job, created = service.create_job(session, job_create, idempotency_key)
+    job, created = service.create_job(session, workspace.id, job_create, idempotency_key)
     session.commit()
     if created:
         wake_workers(queue)
@@ -75,18 +77,19 @@ def wake_workers(queue: Queue) -> None:
 @router.get("", summary="List jobs")
 def list_jobs(
     session: SessionDep,
+    workspace: WorkspaceDep,
     status: JobStatus | None = None,
     cursor: Annotated[uuid.UUID | None, Query(description="`next_cursor` of a page.")] = None,
     limit: Limit = 50,
 ) -> JobPage:
     """Jobs, newest first, optionally of one status."""
-    return service.list_jobs(session, status, cursor, limit)
+    return service.list_jobs(session, workspace.id, status, cursor, limit)
 
 
 @router.get("/{job_id}", summary="Get a job", responses=NOT_FOUND)
-def get_job(session: SessionDep, job_id: uuid.UUID) -> JobRead:
+def get_job(session: SessionDep, workspace: WorkspaceDep, job_id: uuid.UUID) -> JobRead:
     """The job's status, progress (counted from its verdicts), generations and time left."""
-    return service.get_job(session, job_id)
+    return service.get_job(session, workspace.id, job_id)
 
 
 @router.post(
@@ -94,9 +97,11 @@ def get_job(session: SessionDep, job_id: uuid.UUID) -> JobRead:
     summary="Cancel a job",
     responses={**NOT_FOUND, **conflict("The job has already finished.")},
 )
-def cancel_job(session: SessionDep, queue: QueueDep, job_id: uuid.UUID) -> JobRead:
+def cancel_job(
+    session: SessionDep, workspace: WorkspaceDep, queue: QueueDep, job_id: uuid.UUID
+) -> JobRead:
     """Stop a queued or running job. The verdicts written so far stay readable and exportable."""
-    job = service.cancel_job(session, job_id)
+    job = service.cancel_job(session, workspace.id, job_id)
     session.commit()
     if job.webhook_url:
         try:
@@ -106,9 +111,17 @@ def cancel_job(session: SessionDep, queue: QueueDep, job_id: uuid.UUID) -> JobRe
     return job
 
 
+@router.delete("/{job_id}", status_code=204, summary="Delete a job", responses=NOT_FOUND)
+def delete_job(session: SessionDep, workspace: WorkspaceDep, job_id: uuid.UUID) -> None:
+    """Delete the job with its verdicts and report; a job still running is cancelled first."""
+    service.delete_job(session, workspace.id, job_id)
+    session.commit()
+
+
 @router.get("/{job_id}/examples", summary="List a job's verdicts", responses=NOT_FOUND)
 def list_examples(
     session: SessionDep,
+    workspace: WorkspaceDep,
     job_id: uuid.UUID,
     category: Category | None = None,
     flagged: bool | None = None,
@@ -116,19 +129,20 @@ def list_examples(
     limit: Limit = 50,
 ) -> ExamplePage:
     """The examples audited so far, in upload order, each with its record and audit."""
-    return service.list_examples(session, job_id, category, flagged, cursor, limit)
+    return service.list_examples(session, workspace.id, job_id, category, flagged, cursor, limit)
 
 
 @router.get("/{job_id}/conflicts", summary="List a job's conflicts", responses=NOT_FOUND)
 def list_conflicts(
     session: SessionDep,
+    workspace: WorkspaceDep,
     job_id: uuid.UUID,
     cursor: PositionCursor = None,
     limit: Limit = 50,
 ) -> ConflictPage:
     """The examples the student answers consistently and differently from the teacher, so far,
     in upload order: there the teacher may be the one that is wrong."""
-    return service.list_conflicts(session, job_id, cursor, limit)
+    return service.list_conflicts(session, workspace.id, job_id, cursor, limit)
 
 
 @router.get(
@@ -154,7 +168,10 @@ def list_conflicts(
     },
 )
 def export_job(
-    session: SessionDep, job_id: uuid.UUID, policy: ExportPolicy = "suggested"
+    session: SessionDep,
+    workspace: WorkspaceDep,
+    job_id: uuid.UUID,
+    policy: ExportPolicy = "suggested",
 ) -> StreamingResponse:
     """Stream the dataset back in its own record format.
 
@@ -163,7 +180,7 @@ def export_job(
     `annotate` keeps every row and adds its `audit` object. The `X-Kma-Record-Count` header
     announces the number of lines.
     """
-    export = service.export_job(session, job_id, policy)
+    export = service.export_job(session, workspace.id, job_id, policy)
     return StreamingResponse(
         export.chunks,
         media_type="application/x-ndjson",
@@ -179,14 +196,14 @@ def export_job(
     summary="Get a job's report",
     responses={**NOT_FOUND, **conflict("The job is queued or running.")},
 )
-def get_report(session: SessionDep, job_id: uuid.UUID) -> Report:
+def get_report(session: SessionDep, workspace: WorkspaceDep, job_id: uuid.UUID) -> Report:
     """The summary: counts per category and per group, flagged, suggested actions, conflicts,
     generations.
 
     A succeeded job's report is the one written when it ended; a cancelled or failed job's is
     counted now over the verdicts it has, with `partial` true.
     """
-    return service.get_report(session, job_id)
+    return service.get_report(session, workspace.id, job_id)
 
 
 @router.get(
@@ -195,6 +212,22 @@ def get_report(session: SessionDep, job_id: uuid.UUID) -> Report:
     response_class=HTMLResponse,
     responses={**NOT_FOUND, **conflict("The job is queued or running.")},
 )
-def get_report_page(session: SessionDep, job_id: uuid.UUID) -> HTMLResponse:
+def get_report_page(
+    session: SessionDep,
+    settings: SettingsDep,
+    job_id: uuid.UUID,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    access: Annotated[
+        str | None,
+        Query(
+            max_length=200,
+            description="The signed token of the job's `links.report_html`: opens the page in "
+            "a browser, which sends no key, for 7 days.",
+        ),
+    ] = None,
+) -> HTMLResponse:
     """The report for people: category and per-group charts, conflicts, flagged examples."""
-    return HTMLResponse(service.get_report_page(session, job_id))
+    if credentials is None and access is not None:
+        return HTMLResponse(service.get_report_page_by_link(session, job_id, access))
+    workspace = current_workspace(session, settings, credentials)
+    return HTMLResponse(service.get_report_page(session, workspace.id, job_id))

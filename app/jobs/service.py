@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,8 @@ from app.jobs.schemas import (
     Progress,
 )
 from app.models import Example as ExampleRow
-from app.models import Job, JobStatus, Verdict, utcnow
+from app.models import Job, JobStatus, Verdict, Workspace, utcnow
+from app.workspaces.domain import page_link_opens, page_link_token
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +46,12 @@ REPORT_PAGE_CONFLICTS = 1000
 """Conflicts the report page lists; the rest are on `/conflicts`."""
 
 
-def _get(session: Session, job_id: uuid.UUID, *, lock: bool = False) -> Job:
+def _get(
+    session: Session, workspace_id: uuid.UUID, job_id: uuid.UUID, *, lock: bool = False
+) -> Job:
+    """The workspace's job; another workspace's answers as if it did not exist."""
     job = repository.get_job(session, job_id, lock=lock)
-    if job is None:
+    if job is None or job.workspace_id != workspace_id:
         raise NotFound(f"job {job_id} not found")
     return job
 
@@ -59,15 +64,17 @@ def _eta_seconds(job: Job, done: int, now: datetime) -> float | None:
     return round(elapsed / done * max(job.total - done, 0), 1)
 
 
-def _links(job_id: uuid.UUID) -> JobLinks:
-    path = f"/v1/jobs/{job_id}"
+def _links(session: Session, job: Job) -> JobLinks:
+    path = f"/v1/jobs/{job.id}"
+    secret = session.get_one(Workspace, job.workspace_id).webhook_secret
+    access = page_link_token(secret, job.id, time.time())
     return JobLinks(
         self_=path,
         examples=f"{path}/examples",
         conflicts=f"{path}/conflicts",
         export=f"{path}/export",
         report=f"{path}/report",
-        report_html=f"{path}/report.html",
+        report_html=f"{path}/report.html?access={access}",
     )
 
 
@@ -103,7 +110,7 @@ def _read_many(session: Session, jobs: Sequence[Job]) -> list[JobRead]:
                 created_at=job.created_at,
                 started_at=job.started_at,
                 finished_at=job.finished_at,
-                links=_links(job.id),
+                links=_links(session, job),
             )
         )
     return reads
@@ -114,15 +121,19 @@ def _read(session: Session, job: Job) -> JobRead:
 
 
 def create_job(
-    session: Session, job_create: JobCreate, idempotency_key: str | None = None
+    session: Session,
+    workspace_id: uuid.UUID,
+    job_create: JobCreate,
+    idempotency_key: str | None = None,
 ) -> tuple[JobRead, bool]:
     """A queued job over the whole dataset, and whether it is new; the caller commits, then
     tells the workers.
 
     A submission retried with the same `idempotency_key` gives the job the first one made.
     """
-    dataset = datasets_service.get_dataset(session, job_create.dataset_id)
+    dataset = datasets_service.get_dataset(session, workspace_id, job_create.dataset_id)
     job = Job(
+        workspace_id=workspace_id,
         dataset_id=dataset.id,
         status=JobStatus.QUEUED,
         student=job_create.student.model_dump(mode="json"),
@@ -132,13 +143,15 @@ def create_job(
         idempotency_key=idempotency_key,
     )
     if idempotency_key is not None:
-        existing = repository.get_job_by_idempotency_key(session, idempotency_key)
+        existing = repository.get_job_by_idempotency_key(session, workspace_id, idempotency_key)
         if existing is None:
             try:
                 with session.begin_nested():
                     session.add(job)
             except IntegrityError:  # the same key, submitted at the same moment
-                existing = repository.get_job_by_idempotency_key(session, idempotency_key)
+                existing = repository.get_job_by_idempotency_key(
+                    session, workspace_id, idempotency_key
+                )
         if existing is not None:
             if _submission(existing) != _submission(job):
                 raise Conflict(
@@ -155,27 +168,60 @@ def _submission(job: Job) -> tuple[Any, ...]:
     return job.dataset_id, job.student, job.config, job.webhook_url
 
 
-def get_job(session: Session, job_id: uuid.UUID) -> JobRead:
-    return _read(session, _get(session, job_id))
+def get_job(session: Session, workspace_id: uuid.UUID, job_id: uuid.UUID) -> JobRead:
+    return _read(session, _get(session, workspace_id, job_id))
 
 
 def list_jobs(
-    session: Session, status: JobStatus | None, cursor: uuid.UUID | None, limit: int
+    session: Session,
+    workspace_id: uuid.UUID,
+    status: JobStatus | None,
+    cursor: uuid.UUID | None,
+    limit: int,
 ) -> JobPage:
     after = None
     if cursor is not None:
         after = repository.get_job(session, cursor)
-        if after is None:
+        if after is None or after.workspace_id != workspace_id:
             raise Unprocessable(f"cursor {cursor} names no job")
-    jobs = repository.list_jobs(session, status, after, limit + 1)
+    jobs = repository.list_jobs(session, workspace_id, status, after, limit + 1)
     page = jobs[:limit]
     next_cursor = page[-1].id if len(jobs) > limit else None
     return JobPage(items=_read_many(session, page), next_cursor=next_cursor)
 
 
-def cancel_job(session: Session, job_id: uuid.UUID) -> JobRead:
+@dataclass(frozen=True)
+class Webhook:
+    url: str
+    body: bytes
+    """The job as polled, as JSON: what is signed and sent."""
+    secret: str
+    """The job's workspace's."""
+
+
+def webhook_of(session: Session, job_id: uuid.UUID) -> Webhook | None:
+    """What a finished job's webhook sends; None when it has none (or the job is gone)."""
+    job = repository.get_job(session, job_id)
+    if job is None or not job.webhook_url:
+        return None
+    workspace = session.get_one(Workspace, job.workspace_id)
+    body = _read(session, job).model_dump_json().encode()
+    return Webhook(job.webhook_url, body, workspace.webhook_secret)
+
+
+def delete_job(session: Session, workspace_id: uuid.UUID, job_id: uuid.UUID) -> None:
+    """Remove the job with its verdicts and report; a job still running is cancelled first, so
+    no worker writes after the delete."""
+    job = _get(session, workspace_id, job_id, lock=True)
+    if not job.status.finished:
+        lifecycle.cancel(job)
+        session.flush()
+    session.delete(job)
+
+
+def cancel_job(session: Session, workspace_id: uuid.UUID, job_id: uuid.UUID) -> JobRead:
     """Stop a queued or running job; workers see the status and do no more of it."""
-    job = _get(session, job_id, lock=True)
+    job = _get(session, workspace_id, job_id, lock=True)
     lifecycle.cancel(job)
     session.flush()
     return _read(session, job)
@@ -183,6 +229,7 @@ def cancel_job(session: Session, job_id: uuid.UUID) -> JobRead:
 
 def list_examples(
     session: Session,
+    workspace_id: uuid.UUID,
     job_id: uuid.UUID,
     category: Category | None,
     flagged: bool | None,
@@ -190,7 +237,7 @@ def list_examples(
     limit: int,
 ) -> ExamplePage:
     """The job's verdicts so far, by position; `cursor` is the previous page's last position."""
-    job = _get(session, job_id)
+    job = _get(session, workspace_id, job_id)
     after = int(cursor) if cursor is not None else None
     rows = repository.list_examples(
         session, job, category.value if category else None, flagged, after, limit + 1
@@ -218,7 +265,9 @@ class Export:
     chunks: Iterator[bytes]
 
 
-def export_job(session: Session, job_id: uuid.UUID, policy: ExportPolicy) -> Export:
+def export_job(
+    session: Session, workspace_id: uuid.UUID, job_id: uuid.UUID, policy: ExportPolicy
+) -> Export:
     """The dataset as the policy writes it back, as JSONL chunks, in upload order.
 
     Checks the job and counts the lines now; reads the rows as the chunks are taken. Examples
@@ -226,11 +275,11 @@ def export_job(session: Session, job_id: uuid.UUID, policy: ExportPolicy) -> Exp
     chunks are taken is logged and raised again: the server then aborts the connection, so a
     client never takes a short body for a whole one.
     """
-    job = _get(session, job_id)
+    job = _get(session, workspace_id, job_id)
     if job.status not in EXPORTABLE:
         raise Conflict(f"job {job_id} is {job.status.value}: export needs it finished or cancelled")
     idk_text = AuditConfig.model_validate(job.config).idk_text
-    record_format = datasets_service.get_dataset(session, job.dataset_id).format
+    record_format = datasets_service.record_format(session, job.dataset_id)
     record_count = repository.count_records(session, job, without_flagged=policy == "drop")
     records = (
         export_record(raw, Audit.model_validate(audit), policy, idk_text, record_format)
@@ -263,13 +312,13 @@ def _jsonl(job_id: uuid.UUID, records: Iterator[dict[str, Any] | None]) -> Itera
 
 
 def list_conflicts(
-    session: Session, job_id: uuid.UUID, cursor: str | None, limit: int
+    session: Session, workspace_id: uuid.UUID, job_id: uuid.UUID, cursor: str | None, limit: int
 ) -> ConflictPage:
     """The job's conflicts so far, by position; `cursor` is the previous page's last position."""
-    job = _get(session, job_id)
+    job = _get(session, workspace_id, job_id)
     after = int(cursor) if cursor is not None else None
     rows = repository.list_examples(session, job, None, None, after, limit + 1, conflict=True)
-    record_format = datasets_service.get_dataset(session, job.dataset_id).format
+    record_format = datasets_service.record_format(session, job.dataset_id)
     items = [_conflict(record_format, verdict, example) for verdict, example in rows[:limit]]
     next_cursor = str(items[-1].position) if len(rows) > limit else None
     return ConflictPage(items=items, next_cursor=next_cursor)
@@ -315,15 +364,15 @@ def _report(session: Session, job: Job) -> Report:
     return build_report(session, job)
 
 
-def get_report(session: Session, job_id: uuid.UUID) -> Report:
-    return _report(session, _get(session, job_id))
+def get_report(session: Session, workspace_id: uuid.UUID, job_id: uuid.UUID) -> Report:
+    return _report(session, _get(session, workspace_id, job_id))
 
 
-def get_report_page(session: Session, job_id: uuid.UUID) -> str:
+def get_report_page(session: Session, workspace_id: uuid.UUID, job_id: uuid.UUID) -> str:
     """The report as an HTML page, with the first flagged examples and conflicts."""
-    job = _get(session, job_id)
+    job = _get(session, workspace_id, job_id)
     report = _report(session, job)
-    dataset = datasets_service.get_dataset(session, job.dataset_id)
+    dataset = datasets_service.get_dataset(session, workspace_id, job.dataset_id)
     rows = repository.list_examples(session, job, None, True, None, REPORT_PAGE_ROWS)
     conflicts = repository.list_examples(
         session, job, None, None, None, REPORT_PAGE_CONFLICTS, conflict=True
@@ -338,9 +387,19 @@ def get_report_page(session: Session, job_id: uuid.UUID) -> str:
         conflict_rows=[
             _conflict(dataset.format, verdict, example) for verdict, example in conflicts
         ],
-        links=_links(job.id),
+        links=_links(session, job),
     )
     return report_page.render(page)
+
+
+def get_report_page_by_link(session: Session, job_id: uuid.UUID, access: str) -> str:
+    """The page for a browser, which has no key: the link's token stands for it."""
+    job = repository.get_job(session, job_id)
+    if job is not None:
+        secret = session.get_one(Workspace, job.workspace_id).webhook_secret
+        if page_link_opens(secret, job.id, access, time.time()):
+            return get_report_page(session, job.workspace_id, job_id)
+    raise NotFound(f"job {job_id} not found, or the link has expired")
 
 
 def _flagged_row(

@@ -7,6 +7,7 @@ import os
 
 from app.logs import configure_logging
 from kma.cli.audit import add_audit_command
+from kma.cli.keys import add_keys_commands
 from kma.cli.remote import add_remote_commands
 from kma.cli.server import add_server_commands
 
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_command(commands)
     add_server_commands(commands)
     add_remote_commands(commands)
+    add_keys_commands(commands)
     return parser
 
 

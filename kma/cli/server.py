@@ -9,9 +9,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from app.settings import Settings, get_settings
+from app.workspaces import service as workspaces
+from app.workspaces.domain import KEY_FILE
 from kma.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, format_categories
 from kma.cli.processes import die_with_parent, free_port, stop_process, wait_until_ready
 from kma.cli.remote import follow
@@ -41,6 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ.update(KMA_DATABASE_URL=database_url, KMA_BROKER_URL=broker_url)
         get_settings.cache_clear()
         migrate(database_url)
+        save_first_key(database_url, settings.data_dir / KEY_FILE)
         worker = subprocess.Popen(
             [sys.executable, "-m", "kma.cli", "worker"], preexec_fn=die_with_parent
         )
@@ -52,6 +58,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         finally:
             stop_process(worker)
     return EXIT_OK
+
+
+def save_first_key(database_url: str, path: Path) -> None:
+    """On the very first start, make a key for the default workspace and keep it in `path`
+    (readable by this user alone), where the local commands find it."""
+    from app.db import make_engine
+
+    engine = make_engine(database_url)
+    try:
+        with Session(engine) as session:
+            key = workspaces.first_key(session)
+            if key is None:
+                return
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(key + "\n")
+            session.commit()
+    finally:
+        engine.dispose()
+    print(f"created the first API key; it is in {path}", file=sys.stderr)
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -123,7 +149,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(format_categories(report))
         print(f"\nfiltered dataset: {filtered}")
         print("download it again (with `kma serve` running):")
-        print(f"  curl -o filtered.jsonl '{url.rsplit(':', 1)[0]}:8000/v1/jobs/{job['id']}/export'")
+        key_file = settings.data_dir / KEY_FILE
+        print(
+            f'  curl -H "Authorization: Bearer $(cat {key_file})" -o filtered.jsonl '
+            f"'{url.rsplit(':', 1)[0]}:8000/v1/jobs/{job['id']}/export'"
+        )
         return EXIT_OK
     finally:
         stop_process(server, timeout=60)
@@ -139,7 +169,7 @@ def add_server_commands(commands: Any) -> None:
     serve.set_defaults(run=cmd_serve)
 
     api = commands.add_parser("api", help="the API alone (production)")
-    api.add_argument("--host", default="0.0.0.0")
+    api.add_argument("--host", default="127.0.0.1", help="e.g. 0.0.0.0 to listen on every address")
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--workers", type=int, default=1, help="uvicorn processes")
     api.set_defaults(run=cmd_api)

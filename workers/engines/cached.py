@@ -18,18 +18,24 @@ class GenerationStore(Protocol):
     def put_many(self, model_id: str, items: Mapping[bytes, list[str]]) -> None: ...
 
 
-def cache_key(model_id: str, request: GenerationRequest) -> bytes:
-    """(student model and revision, prompt, sampling options, which draw) as 32 bytes."""
+def cache_key(namespace: str, model_id: str, request: GenerationRequest) -> bytes:
+    """(namespace, student model and revision, prompt, sampling options, which draw) as 32
+    bytes."""
     payload = json.dumps(
-        [model_id, request.prompt, asdict(request.options), request.draw], sort_keys=True
+        [namespace, model_id, request.prompt, asdict(request.options), request.draw],
+        sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).digest()
 
 
 class CachedEngine:
-    def __init__(self, engine: Engine, store: GenerationStore) -> None:
+    """`namespace` keeps caches apart: the service gives each workspace its own, so that what
+    one workspace's jobs generated never shows (as answers or as cache hits) in another's."""
+
+    def __init__(self, engine: Engine, store: GenerationStore, namespace: str = "") -> None:
         self.engine = engine
         self.store = store
+        self.namespace = namespace
         self.model_id = engine.model_id
         self.new_generations = 0
         self.cached_generations = 0
@@ -38,7 +44,7 @@ class CachedEngine:
         self.engine.close()
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        keys = [cache_key(self.model_id, r) for r in requests]
+        keys = [cache_key(self.namespace, self.model_id, r) for r in requests]
         found = dict(self.store.get_many(list(set(keys))))
         missing = {k: r for k, r in zip(keys, requests, strict=True) if k not in found}
         if missing:
