@@ -18,7 +18,7 @@ from app.audit import domain, repository
 from app.audit.schemas import AuditConfig
 from app.datasets import service as datasets_service
 from app.datasets.domain import Example as DomainExample
-from app.datasets.domain import parse_record
+from app.datasets.domain import Limits, parse_record
 from app.models import Chunk, ChunkStatus, Dataset, Job
 
 
@@ -61,7 +61,7 @@ def random_records(chooser: random.Random, shots: int) -> list[dict[str, Any]]:
 def upload(session: Session, records: list[dict[str, Any]]) -> uuid.UUID:
     """Store records through the upload's own path, so `group` is stored as uploads store it."""
     body = "".join(json.dumps(r) + "\n" for r in records).encode()
-    dataset = datasets_service.create_dataset(session, "random", "qa", [body], max_errors=50)
+    dataset = datasets_service.create_dataset(session, "random", "qa", [body], 50, Limits())
     session.flush()
     return dataset.id
 
@@ -117,7 +117,7 @@ def test_a_chat_dataset_is_read_in_its_format(session: Session) -> None:
         for i in range(20)
     ]
     body = "".join(json.dumps(r) + "\n" for r in records).encode()
-    dataset = datasets_service.create_dataset(session, "chat", "auto", [body], max_errors=50)
+    dataset = datasets_service.create_dataset(session, "chat", "auto", [body], 50, Limits())
     session.flush()
     config = AuditConfig(seed=3)
     examples = [parse_record("messages", r, line) for line, r in enumerate(records, 1)]
