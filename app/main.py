@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import asdict
 from importlib.metadata import version
+from typing import Any
 
 import kombu
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.datasets.domain import DatasetError
 from app.datasets.router import router as datasets_router
@@ -20,6 +25,7 @@ from app.errors import HTTPError
 from app.jobs.router import router as jobs_router
 from app.logs import job_logging
 from app.metrics import router as metrics_router
+from app.settings import Settings, get_settings
 from app.workspaces.router import router as workspace_router
 
 DESCRIPTION = """
@@ -73,6 +79,22 @@ def http_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
+class EscapedJSONResponse(JSONResponse):
+    """JSON with every character beyond ASCII escaped: a lone surrogate echoed from a request
+    cannot be written as UTF-8, and would turn the answer into a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
+
+
+def invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's validation error without the `input` it echoes, which may be a NaN (not JSON),
+    a lone surrogate (not UTF-8) or megabytes."""
+    assert isinstance(exc, RequestValidationError)
+    errors = [{k: v for k, v in error.items() if k != "input"} for error in exc.errors()]
+    return EscapedJSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+
 def invalid_dataset(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DatasetError)
     invalid = len(exc.errors) + exc.more
@@ -98,6 +120,7 @@ def create_app() -> FastAPI:
         ],
     )
     app.add_exception_handler(HTTPError, http_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(DatasetError, invalid_dataset)
     app.include_router(datasets_router, prefix="/v1")
     app.include_router(jobs_router, prefix="/v1")
@@ -105,7 +128,49 @@ def create_app() -> FastAPI:
     app.include_router(health)
     app.include_router(metrics_router)
     app.add_middleware(JobLogging)
+    app.add_middleware(UploadLimit)
     return app
+
+
+UPLOAD_PATH = "/v1/datasets"
+
+
+class UploadLimit:
+    """An upload whose body passes `max_upload_bytes` answers 413, and nothing is stored.
+
+    A middleware, because the form is parsed (its file spooled to disk) before any route or
+    dependency runs. A Content-Length over the limit is refused before reading; a body that
+    declares none, or more than it said, is stopped as soon as the bytes counted pass it.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != UPLOAD_PATH:
+            await self.app(scope, receive, send)
+            return
+        # The settings the routes get, overrides included (middleware is outside injection).
+        overrides = scope["app"].dependency_overrides
+        settings: Settings = overrides.get(get_settings, get_settings)()
+        limit = settings.max_upload_bytes
+        detail = f"the upload is larger than {limit} bytes, the most this server takes"
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                # Raised in the route's body parsing, which passes an HTTPException on.
+                raise HTTPException(413, detail)
+            return message
+
+        await self.app(scope, counted, send)
 
 
 JOB_PATH = re.compile(r"^/v1/jobs/([0-9a-fA-F-]{36})")

@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.datasets.domain import MAX_EXAMPLES, MAX_JSON_DEPTH, MAX_LINE_BYTES
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KMA_", extra="ignore")
@@ -71,6 +73,27 @@ class Settings(BaseSettings):
         None, description="Bearer token for the openai engine's server; unset: none sent."
     )
     max_upload_errors: int = Field(50, ge=1, description="Invalid lines listed in a 422.")
+    max_upload_bytes: int = Field(
+        1 << 30,
+        ge=1,
+        description="The most bytes an upload's request body may hold: a larger one answers 413 "
+        "as soon as its Content-Length says so or its stream passes the limit.",
+    )
+    max_line_bytes: int = Field(
+        MAX_LINE_BYTES, ge=1, description="The most bytes a dataset's line may hold (422)."
+    )
+    max_examples: int = Field(
+        MAX_EXAMPLES,
+        ge=1,
+        le=2**31 - 1,  # positions are PostgreSQL integers
+        description="The most examples a dataset may hold (422).",
+    )
+    max_json_depth: int = Field(
+        MAX_JSON_DEPTH,
+        ge=1,
+        le=500,  # Python's json parser gives up near 1,000
+        description="How deep objects and lists may nest in a record (422).",
+    )
 
 
 @lru_cache

@@ -201,3 +201,199 @@ def test_get_dataset_errors(client: TestClient) -> None:
     assert missing.status_code == 404
     assert "not found" in missing.json()["detail"]
     assert client.get("/v1/datasets/not-a-uuid").status_code == 422
+
+
+# --- what a dataset cannot hold, and the limits ---------------------------------------------------
+
+QA = '"question": "Q?", "answer": "A"'
+FIRST = b'{"question": "Fine?", "answer": "yes"}\n'
+
+
+def limit(api: FastAPI, **settings: int) -> None:
+    api.dependency_overrides[get_settings] = lambda: Settings(
+        max_upload_errors=MAX_ERRORS, **settings
+    )
+
+
+def refused(client: TestClient, content: bytes) -> list[tuple[int, str | None, str]]:
+    response = upload(client, content)
+    assert response.status_code == 422, response.text
+    errors = response.json()["detail"]["errors"]
+    return [(e["line"], e["field"], e["message"]) for e in errors]
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "message"),
+    [
+        ('{"id": NaN, ' + QA + "}", "id", "must be a finite number"),
+        ('{"score": Infinity, ' + QA + "}", "score", "must be a finite number"),
+        ('{"scores": [1, -Infinity], ' + QA + "}", "scores[1]", "must be a finite number"),
+        ('{"meta": {"p": 1e999}, ' + QA + "}", "meta.p", "must be a finite number"),
+        ('{"id": ' + "7" * 5000 + ", " + QA + "}", "id", "must be an integer within 64 bits"),
+        ('{"x": ' + "[" * 5000 + "]" * 5000 + ", " + QA + "}", None, "nests deeper than 64"),
+        ('{"x": ' + "[" * 64 + "]" * 64 + ", " + QA + "}", "x" + "[0]" * 63, "nests deeper"),
+        ('{"id": "\\ud800", ' + QA + "}", "id", "contains a lone surrogate (\\ud800)"),
+        ('{"question": "Q\\udc00?", "answer": "A"}', "question", "contains a lone surrogate"),
+        ('{"meta": [{"note": "\\ud83d"}], ' + QA + "}", "meta[0].note", "contains a lone"),
+        ('{"k\\ud800": 1, ' + QA + "}", "k\\ud800", "its name contains a lone surrogate"),
+        ('{"question": "Q?", "answer": "A\\u0000"}', "answer", "contains \\u0000"),
+    ],
+    ids=[
+        "nan",
+        "infinity",
+        "minus-infinity",
+        "1e999",
+        "5000-digits",
+        "nested-5000",
+        "nested-65",
+        "surrogate-id",
+        "surrogate-question",
+        "surrogate-extra",
+        "surrogate-key",
+        "nul",
+    ],
+)
+def test_values_a_dataset_cannot_hold_are_refused(
+    client: TestClient, session: Session, line: str, field: str | None, message: str
+) -> None:
+    before = stored(session)
+    ((at, got_field, got_message),) = refused(client, FIRST + line.encode() + b"\n")
+    assert (at, got_field) == (2, field)
+    assert got_message.startswith(message), got_message
+    assert stored(session) == before
+
+
+def test_nul_in_a_chat_turn_names_the_turn(client: TestClient, session: Session) -> None:
+    before = stored(session)
+    turns = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A"}] * 2
+    good = {"messages": turns}
+    bad = {"messages": [*turns[:3], {"role": "assistant", "content": "A\x00"}]}
+    assert refused(client, jsonl(good, bad)) == [
+        (2, "messages[3].content", "contains \\u0000, which a dataset cannot store")
+    ]
+    assert stored(session) == before
+
+
+def test_a_line_over_the_limit_is_refused(
+    api: FastAPI, client: TestClient, session: Session
+) -> None:
+    before = stored(session)
+    long = b'{"question": "' + b"x" * (1 << 20) + b'", "answer": "A"}\n'
+    assert refused(client, FIRST + long + FIRST) == [
+        (2, None, "longer than 1048576 bytes, the most a line may hold")
+    ]
+    limit(api, max_line_bytes=40)
+    assert refused(client, FIRST + b'{"question": "' + b"x" * 40 + b'", "answer": "A"}\n') == [
+        (2, None, "longer than 40 bytes, the most a line may hold")
+    ]
+    assert stored(session) == before
+
+
+def test_examples_and_depth_over_the_limits_are_refused(
+    api: FastAPI, client: TestClient, session: Session
+) -> None:
+    before = stored(session)
+    limit(api, max_examples=2, max_json_depth=3)
+    assert refused(client, FIRST * 3) == [
+        (3, None, "more than 2 examples, the most a dataset may hold")
+    ]
+    assert refused(client, b'{"x": [[[1]]], ' + QA.encode() + b"}\n") == [
+        (1, "x[0][0]", "nests deeper than 3 levels")
+    ]
+    assert stored(session) == before
+    assert upload(client, b'{"x": [[1]], ' + QA.encode() + b"}\n").status_code == 201
+
+
+def test_an_upload_over_the_limit_answers_413(
+    api: FastAPI, client: TestClient, session: Session
+) -> None:
+    before = stored(session)
+    limit(api, max_upload_bytes=1000)
+    content = FIRST * 50
+    declared = upload(client, content)  # refused on its Content-Length, before reading
+    body, content_type = multipart(("file", "teacher.jsonl", content))
+    streamed = client.post(  # no Content-Length: refused as the bytes pass the limit
+        "/v1/datasets", content=iter([body]), headers={"content-type": content_type}
+    )
+    for response in (declared, streamed):
+        assert response.status_code == 413
+        assert response.json() == {
+            "detail": "the upload is larger than 1000 bytes, the most this server takes"
+        }
+    assert "content-length" not in streamed.request.headers
+    assert stored(session) == before
+    assert upload(client, FIRST * 10).status_code == 201
+    documented = client.get("/openapi.json").json()["paths"]["/v1/datasets"]["post"]
+    assert documented["responses"]["413"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorRead"
+    }
+
+
+def multipart(*parts: tuple[str, str | None, bytes], charset: str = "utf-8") -> tuple[bytes, str]:
+    """A multipart/form-data body written by hand (name, filename, value), and its content type.
+
+    By hand, so that field values and file names carry bytes no HTTP client would send; with
+    `charset` set, the server decodes them by it (`unicode_escape` reads `\\ud800`).
+    """
+    body = b""
+    for name, filename, value in parts:
+        disposition = f'form-data; name="{name}"'.encode()
+        if filename is not None:
+            disposition += b'; filename="' + filename.encode("latin-1") + b'"'
+        body += b"--kma\r\nContent-Disposition: " + disposition + b"\r\n\r\n" + value + b"\r\n"
+    return body + b"--kma--\r\n", f"multipart/form-data; boundary=kma; charset={charset}"
+
+
+@pytest.mark.parametrize(
+    ("name", "filename", "charset", "field", "message"),
+    [
+        ("da\x00ta", None, "utf-8", "name", "contains \\u0000"),
+        ("da\\ud800ta", None, "unicode_escape", "name", "contains a lone surrogate (\\ud800)"),
+        (None, "t\x00.jsonl", "utf-8", "file", "its name contains \\u0000"),
+        (None, "t\\udfff.jsonl", "unicode_escape", "file", "its name contains a lone surrogate"),
+    ],
+    ids=["nul-name", "surrogate-name", "nul-filename", "surrogate-filename"],
+)
+def test_form_fields_a_dataset_cannot_hold_are_refused(
+    client: TestClient,
+    session: Session,
+    name: str | None,
+    filename: str | None,
+    charset: str,
+    field: str,
+    message: str,
+) -> None:
+    before = stored(session)
+    parts = [("file", filename or "teacher.jsonl", FIRST)]
+    if name is not None:
+        parts.append(("name", None, name.encode("latin-1")))
+    body, content_type = multipart(*parts, charset=charset)
+    response = client.post("/v1/datasets", content=body, headers={"content-type": content_type})
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", field]
+    assert message in error["msg"]
+    assert stored(session) == before
+
+
+def test_unicode_and_big_numbers_round_trip(client: TestClient, session: Session) -> None:
+    records = [
+        {
+            "id": "ζ-1",
+            "question": "Qui a écrit 《红楼梦》? 🤔 cafe\u0301 \u05e9\u05dc\u05d5\u05dd",
+            "answer": "曹雪芹 👨‍👩‍👧",
+            "numbers": [2**63 - 1, -(2**63), 1.7976931348623157e308, 5e-324, 1e-5],
+            "nested": json.loads("[" * 63 + "]" * 63),
+        },
+        {"id": 2**63 - 1, "question": "Émoji 🎉 as escapes?", "answer": "はい"},
+    ]
+    content = json.dumps(records[0], ensure_ascii=False).encode() + b"\n" + jsonl(records[1])
+    response = upload(client, content, name="データ 🚀")
+    assert response.status_code == 201, response.text
+    assert response.json()["name"] == "データ 🚀"
+    raws = session.scalars(
+        select(Example.raw)
+        .where(Example.dataset_id == uuid.UUID(response.json()["id"]))
+        .order_by(Example.position)
+    ).all()
+    assert raws == records

@@ -339,13 +339,23 @@ def test_examples_pages(client: TestClient, audited: str) -> None:
     assert positions(client, audited, flagged="true", limit=1, cursor="1") == [2]
 
 
-@pytest.mark.parametrize(
-    "params", [{"category": "Known"}, {"cursor": "abc"}, {"cursor": "-1"}, {"limit": 0}]
-)
+BAD_CURSORS = [{"cursor": c} for c in ("abc", "-1", "2147483648", "9999999999", "1" * 30)]
+
+
+@pytest.mark.parametrize("params", [{"category": "Known"}, *BAD_CURSORS, {"limit": 0}])
 def test_examples_refuse_bad_parameters(
     client: TestClient, audited: str, params: dict[str, str]
 ) -> None:
-    assert client.get(f"/v1/jobs/{audited}/examples", params=params).status_code == 422
+    response = client.get(f"/v1/jobs/{audited}/examples", params=params)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["query", *params]
+
+
+@pytest.mark.parametrize("path", ["examples", "conflicts"])
+def test_the_last_position_is_a_cursor(client: TestClient, audited: str, path: str) -> None:
+    response = client.get(f"/v1/jobs/{audited}/{path}", params={"cursor": 2**31 - 1})
+    assert response.status_code == 200
+    assert response.json() == {"items": [], "next_cursor": None}
 
 
 def test_examples_of_an_unknown_job(client: TestClient) -> None:
@@ -611,11 +621,13 @@ def test_conflicts_pages(client: TestClient, session: Session, audited: str) -> 
     assert job["links"]["conflicts"] == f"/v1/jobs/{audited}/conflicts"
 
 
-@pytest.mark.parametrize("params", [{"cursor": "abc"}, {"cursor": "-1"}, {"limit": 0}])
+@pytest.mark.parametrize("params", [*BAD_CURSORS, {"limit": 0}])
 def test_conflicts_refuse_bad_parameters(
     client: TestClient, audited: str, params: dict[str, str]
 ) -> None:
-    assert client.get(f"/v1/jobs/{audited}/conflicts", params=params).status_code == 422
+    response = client.get(f"/v1/jobs/{audited}/conflicts", params=params)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["query", *params]
 
 
 def test_conflicts_of_an_unknown_job(client: TestClient) -> None:

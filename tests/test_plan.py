@@ -18,7 +18,7 @@ from app.audit import domain, repository
 from app.audit.schemas import AuditConfig
 from app.datasets import service as datasets_service
 from app.datasets.domain import Example as DomainExample
-from app.datasets.domain import parse_record
+from app.datasets.domain import Limits, parse_record
 from app.models import Chunk, ChunkStatus, Dataset, Job
 from tests.conftest import new_workspace
 
@@ -63,7 +63,7 @@ def upload(session: Session, records: list[dict[str, Any]]) -> uuid.UUID:
     """Store records through the upload's own path, so `group` is stored as uploads store it."""
     body = "".join(json.dumps(r) + "\n" for r in records).encode()
     dataset = datasets_service.create_dataset(
-        session, new_workspace(session), "random", "qa", [body], max_errors=50
+        session, new_workspace(session), "random", "qa", [body], 50, Limits()
     )
     session.flush()
     return dataset.id
@@ -123,7 +123,7 @@ def test_a_chat_dataset_is_read_in_its_format(session: Session) -> None:
     ]
     body = "".join(json.dumps(r) + "\n" for r in records).encode()
     dataset = datasets_service.create_dataset(
-        session, new_workspace(session), "chat", "auto", [body], max_errors=50
+        session, new_workspace(session), "chat", "auto", [body], 50, Limits()
     )
     session.flush()
     config = AuditConfig(seed=3)

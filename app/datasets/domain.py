@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 MAX_REPORTED_ERRORS = 50
+MAX_LINE_BYTES = 1 << 20
+MAX_JSON_DEPTH = 64
+MAX_EXAMPLES = 10_000_000
 
 RecordFormat = Literal["qa", "messages", "alpaca", "sharegpt"]
 RECORD_FORMATS: tuple[str, ...] = get_args(RecordFormat)
@@ -39,6 +44,15 @@ class Record:
     raw: dict[str, Any]
     example: Example
     format: str
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one dataset may hold; the service's come from `KMA_MAX_*` settings."""
+
+    line_bytes: int = MAX_LINE_BYTES
+    json_depth: int = MAX_JSON_DEPTH
+    examples: int = MAX_EXAMPLES
 
 
 @dataclass(frozen=True)
@@ -276,22 +290,70 @@ def with_answer(format: str, raw: dict[str, Any], answer: str) -> dict[str, Any]
     return out
 
 
-def read_lines(chunks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
-    """Split a byte stream into numbered lines (1-based), keeping memory to one line."""
+def read_lines(
+    chunks: Iterable[bytes], max_line_bytes: int = MAX_LINE_BYTES
+) -> Iterator[tuple[int, bytes]]:
+    """Split a byte stream into numbered lines (1-based), keeping memory to one line.
+
+    A line longer than `max_line_bytes` comes cut to its first `max_line_bytes + 1` bytes, the
+    rest dropped as it streams past: the reader sees it is too long without holding it.
+    """
     line_no = 0
     rest = b""
+    cut = False  # `rest` is the start of a line too long; its bytes up to the newline are dropped
     for chunk in chunks:
+        if cut:
+            end = chunk.find(b"\n")
+            if end < 0:
+                continue
+            line_no += 1
+            yield line_no, rest
+            rest, cut, chunk = b"", False, chunk[end + 1 :]
         rest += chunk
         *lines, rest = rest.split(b"\n")
         for line in lines:
             line_no += 1
-            yield line_no, line
+            yield line_no, line[: max_line_bytes + 1]
+        if len(rest) > max_line_bytes:
+            rest, cut = rest[: max_line_bytes + 1], True
     if rest:
         yield line_no + 1, rest
 
 
-def decode_line(line_no: int, data: bytes) -> dict[str, Any] | None:
+_INT_LIMIT = 1 << 63
+"""Integers must lie in [-2**63, 2**63): what a 64-bit integer holds, and far beyond any id."""
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+_SUSPECT = re.compile(r"\\u(?:0000|[dD][89a-fA-F])|NaN|Infinity|\d{19}|[eE][+-]?\d{3}")
+"""Where check_values may find something, the line has one of these (or more brackets than the
+depth allows): an escaped NUL or surrogate, NaN or Infinity, or a number long enough to overflow."""
+_MAX_FIELD_NAME = 64
+
+
+def _parse_int(text: str) -> int:
+    # int() of thousands of digits is slow, and refused past 4,300: any that long is out of range.
+    return int(text) if len(text) <= 20 else _INT_LIMIT
+
+
+_JSON = json.JSONDecoder(parse_int=_parse_int)
+
+
+def unstorable_text(text: str) -> str | None:
+    """Why the text cannot be stored, if it cannot: a NUL, or half of a surrogate pair."""
+    found = _UNSTORABLE.search(text)
+    if found is None:
+        return None
+    if found.group() == "\x00":
+        return "contains \\u0000, which a dataset cannot store"
+    return f"contains a lone surrogate (\\u{ord(found.group()):04x}), which is not text"
+
+
+def decode_line(
+    line_no: int, data: bytes, max_line_bytes: int = MAX_LINE_BYTES, max_depth: int = MAX_JSON_DEPTH
+) -> dict[str, Any] | None:
     """One JSONL line as an object; None for a blank line. Raises LineError-carrying errors."""
+    if len(data) > max_line_bytes:
+        raise RecordError(None, f"longer than {max_line_bytes} bytes, the most a line may hold")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -299,26 +361,69 @@ def decode_line(line_no: int, data: bytes) -> dict[str, Any] | None:
     if not text.strip():
         return None
     try:
-        obj = json.loads(text)
+        obj = _JSON.decode(text)
     except json.JSONDecodeError as exc:
         raise RecordError(None, f"not valid JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise RecordError(None, f"nests deeper than {max_depth} levels") from None
     if not isinstance(obj, dict):
         raise RecordError(None, f"must be a JSON object, got {_kind(obj)}")
-    if "\\u0000" in text and _has_nul(obj):
-        raise RecordError(None, "contains \\u0000, which a dataset cannot store")
+    # The walk costs more than the parse: it runs only where the text says it may find something.
+    if _SUSPECT.search(text) or text.count("{") + text.count("[") > max_depth:
+        check_values(obj, max_depth)
     return obj
 
 
-def _has_nul(value: object) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    return isinstance(value, list) and any(_has_nul(v) for v in value)
+def check_values(obj: dict[str, Any], max_depth: int = MAX_JSON_DEPTH) -> None:
+    """RecordError naming the first field (say `messages[3].content`) a dataset cannot hold.
+
+    That is text with a NUL or a lone surrogate (a value or a key, at any depth), a number that
+    is not finite (`NaN`, `Infinity`, `1e999`) or an integer beyond 64 bits, and objects or lists
+    nested deeper than `max_depth`. The walk keeps its own stack, so no depth exhausts Python's.
+    """
+    stack: list[tuple[str | None, str | int | None, object, int]] = [(None, None, obj, 1)]
+    while stack:
+        parent, step, value, depth = stack.pop()
+        if isinstance(step, str) and (problem := unstorable_text(step)):
+            name = step.encode("unicode_escape").decode("ascii")
+            raise RecordError(_field(parent, name), f"its name {problem}")
+        problem = None
+        if isinstance(value, str):
+            problem = unstorable_text(value)
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                problem = "must be a finite number (JSON has no NaN or Infinity; 1e999 overflows)"
+        elif isinstance(value, int):
+            if not -_INT_LIMIT <= value < _INT_LIMIT:
+                problem = "must be an integer within 64 bits (-2**63 to 2**63 - 1)"
+        elif isinstance(value, dict | list):
+            at = parent if step is None else _field(parent, step)
+            if depth > max_depth:
+                raise RecordError(at, f"nests deeper than {max_depth} levels")
+            if isinstance(value, dict):
+                stack.extend((at, k, v, depth + 1) for k, v in reversed(value.items()))
+            else:
+                stack.extend((at, i, value[i], depth + 1) for i in range(len(value) - 1, -1, -1))
+        if problem:
+            raise RecordError(_field(parent, step), problem)
+
+
+def _field(parent: str | None, step: str | int | None) -> str | None:
+    if step is None:
+        return parent
+    if isinstance(step, int):
+        return f"{parent or ''}[{step}]"
+    if len(step) > _MAX_FIELD_NAME:
+        step = step[:_MAX_FIELD_NAME] + "..."
+    return step if parent is None else f"{parent}.{step}"
 
 
 def parse_records(
-    chunks: Iterable[bytes], format: str = AUTO, *, check_ids: bool = True
+    chunks: Iterable[bytes],
+    format: str = AUTO,
+    *,
+    check_ids: bool = True,
+    limits: Limits = Limits(),
 ) -> Iterator[Record | LineError]:
     """Every line of a JSONL stream as a Record, or a LineError saying what is wrong where.
 
@@ -332,9 +437,9 @@ def parse_records(
         _rules(expected)  # an unknown name is the caller's error, not the file's
     detected_on = 0
     seen_ids: dict[str, int] = {}
-    for line_no, data in read_lines(chunks):
+    for line_no, data in read_lines(chunks, limits.line_bytes):
         try:
-            obj = decode_line(line_no, data)
+            obj = decode_line(line_no, data, limits.line_bytes, limits.json_depth)
             if obj is None:
                 continue
             if expected is None:
@@ -374,17 +479,19 @@ def valid_records(
     max_errors: int = MAX_REPORTED_ERRORS,
     *,
     check_ids: bool = True,
+    limits: Limits = Limits(),
 ) -> Iterator[Record]:
     """The records of a JSONL stream, checked to the last line; each carries its format.
 
     Records are yielded while every line so far is valid, so a caller can store them as they
     come; after the stream ends, DatasetError lists the invalid lines (the first `max_errors`,
-    and how many more), and the caller discards what it stored. Memory holds one line.
+    and how many more), and the caller discards what it stored. Memory holds one line. A
+    record beyond `limits.examples` stops the reading there, with the errors found so far.
     """
     errors: list[LineError] = []
     more = 0
     count = 0
-    for item in parse_records(chunks, format, check_ids=check_ids):
+    for item in parse_records(chunks, format, check_ids=check_ids, limits=limits):
         if isinstance(item, LineError):
             if len(errors) < max_errors:
                 errors.append(item)
@@ -392,6 +499,9 @@ def valid_records(
                 more += 1
         else:
             count += 1
+            if count > limits.examples:
+                message = f"more than {limits.examples} examples, the most a dataset may hold"
+                raise DatasetError([*errors, LineError(item.line, None, message)], more)
             if not errors:
                 yield item
     if not errors and count == 0:
@@ -400,6 +510,8 @@ def valid_records(
         raise DatasetError(errors, more)
 
 
-def load_records(chunks: Iterable[bytes], format: str = AUTO) -> list[Record]:
+def load_records(
+    chunks: Iterable[bytes], format: str = AUTO, *, limits: Limits = Limits()
+) -> list[Record]:
     """All records of a dataset, or DatasetError listing the invalid lines."""
-    return list(valid_records(chunks, format))
+    return list(valid_records(chunks, format, limits=limits))

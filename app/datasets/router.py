@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import uuid
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.exceptions import RequestValidationError
+from pydantic import BeforeValidator
 
 from app.datasets import service
+from app.datasets.domain import Limits, unstorable_text
 from app.datasets.schemas import DatasetPage, DatasetRead, InvalidDatasetRead, UploadFormat
 from app.deps import SessionDep, SettingsDep, WorkspaceDep
-from app.errors import AUTH, NOT_FOUND
+from app.errors import AUTH, NOT_FOUND, ErrorRead
 
 UPLOAD_CHUNK_BYTES = 1 << 20
 
 router = APIRouter(prefix="/datasets", tags=["datasets"], responses=AUTH)
+
+
+def storable(value: Any) -> Any:
+    # Before pydantic's own check, which refuses a lone surrogate without saying so.
+    if isinstance(value, str) and (problem := unstorable_text(value)):
+        raise ValueError(problem)
+    return value
 
 
 @router.post(
@@ -26,8 +36,14 @@ router = APIRouter(prefix="/datasets", tags=["datasets"], responses=AUTH)
         422: {
             "model": InvalidDatasetRead,
             "description": "Invalid lines, with their numbers and reasons; nothing was stored."
-            " (An invalid form field answers FastAPI's usual validation error.)",
-        }
+            " (An invalid form field, `name` or the file's name, answers FastAPI's usual"
+            " validation error.)",
+        },
+        413: {
+            "model": ErrorRead,
+            "description": "The request body is larger than the server takes"
+            " (`KMA_MAX_UPLOAD_BYTES`); nothing was stored.",
+        },
     },
 )
 def upload_dataset(
@@ -44,7 +60,9 @@ def upload_dataset(
         ),
     ] = "auto",
     name: Annotated[
-        str | None, Form(min_length=1, max_length=255, description="Default: the file name.")
+        str | None,
+        Form(min_length=1, max_length=255, description="Default: the file name."),
+        BeforeValidator(storable),
     ] = None,
 ) -> DatasetRead:
     """Validate every line of the file and store the dataset, or store nothing.
@@ -52,7 +70,12 @@ def upload_dataset(
     The file is read in chunks and its examples are written as they are validated, so an upload
     of any size runs in constant memory.
     """
+    if file.filename and (problem := unstorable_text(file.filename)):
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("body", "file"), "msg": f"its name {problem}"}]
+        )
     chunks = iter(partial(file.file.read, UPLOAD_CHUNK_BYTES), b"")
+    limits = Limits(settings.max_line_bytes, settings.max_json_depth, settings.max_examples)
     dataset = service.create_dataset(
         session,
         workspace.id,
@@ -60,6 +83,7 @@ def upload_dataset(
         upload_format,
         chunks,
         settings.max_upload_errors,
+        limits,
     )
     session.commit()
     return DatasetRead.model_validate(dataset)

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from sqlalchemy.orm import Session
 
 from app.datasets import repository
-from app.datasets.domain import DatasetError, valid_records
+from app.datasets.domain import DatasetError, Limits, valid_records
 from app.datasets.schemas import DatasetPage, DatasetRead, UploadFormat
 from app.errors import NotFound, Unprocessable
 from app.jobs import lifecycle
@@ -67,6 +67,7 @@ def create_dataset(
     upload_format: UploadFormat,
     chunks: Iterable[bytes],
     max_errors: int,
+    limits: Limits,
 ) -> Dataset:
     """Store the dataset read from `chunks`, or raise DatasetError listing its invalid lines.
 
@@ -82,7 +83,9 @@ def create_dataset(
     record_format: str = upload_format
     count = 0
     with repository.copy_examples(session, dataset.id) as write:
-        for record in valid_records(chunks, upload_format, max_errors, check_ids=False):
+        for record in valid_records(
+            chunks, upload_format, max_errors, check_ids=False, limits=limits
+        ):
             write(count, record)
             record_format = record.format
             count += 1

@@ -26,8 +26,10 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], responses=AUTH)
 RECORD_COUNT_HEADER = "X-Kma-Record-Count"
 
 Limit = Annotated[int, Query(ge=1, le=200, description="Items per page.")]
+POSITION_MAX = 2**31 - 1
+"""Positions are PostgreSQL integers: a cursor beyond them would overflow the query."""
 PositionCursor = Annotated[
-    str | None, Query(pattern=r"^\d{1,10}$", description="`next_cursor` of a page.")
+    int | None, Query(ge=0, le=POSITION_MAX, description="`next_cursor` of a page.")
 ]
 
 

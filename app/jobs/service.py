@@ -233,14 +233,13 @@ def list_examples(
     job_id: uuid.UUID,
     category: Category | None,
     flagged: bool | None,
-    cursor: str | None,
+    cursor: int | None,
     limit: int,
 ) -> ExamplePage:
     """The job's verdicts so far, by position; `cursor` is the previous page's last position."""
     job = _get(session, workspace_id, job_id)
-    after = int(cursor) if cursor is not None else None
     rows = repository.list_examples(
-        session, job, category.value if category else None, flagged, after, limit + 1
+        session, job, category.value if category else None, flagged, cursor, limit + 1
     )
     items = [
         ExampleRead(
@@ -312,12 +311,15 @@ def _jsonl(job_id: uuid.UUID, records: Iterator[dict[str, Any] | None]) -> Itera
 
 
 def list_conflicts(
-    session: Session, workspace_id: uuid.UUID, job_id: uuid.UUID, cursor: str | None, limit: int
+    session: Session,
+    workspace_id: uuid.UUID,
+    job_id: uuid.UUID,
+    cursor: int | None,
+    limit: int,
 ) -> ConflictPage:
     """The job's conflicts so far, by position; `cursor` is the previous page's last position."""
     job = _get(session, workspace_id, job_id)
-    after = int(cursor) if cursor is not None else None
-    rows = repository.list_examples(session, job, None, None, after, limit + 1, conflict=True)
+    rows = repository.list_examples(session, job, None, None, cursor, limit + 1, conflict=True)
     record_format = datasets_service.record_format(session, job.dataset_id)
     items = [_conflict(record_format, verdict, example) for verdict, example in rows[:limit]]
     next_cursor = str(items[-1].position) if len(rows) > limit else None
