@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from pydantic import BaseModel
@@ -16,6 +17,10 @@ class HTTPError(Exception):
         super().__init__(detail)
         self.detail = detail
 
+    def content(self) -> dict[str, Any]:
+        """The JSON body of the answer."""
+        return {"detail": self.detail}
+
 
 class NotFound(HTTPError):
     status_code = 404
@@ -27,6 +32,19 @@ class Conflict(HTTPError):
 
 class Unprocessable(HTTPError):
     status_code = 422
+
+
+class InvalidField(Unprocessable):
+    """A request body field refused by a check its schema cannot make (it needs a setting, the
+    dataset or DNS), answered in FastAPI's validation-error shape, as the routes document 422.
+    """
+
+    def __init__(self, field: Sequence[str], detail: str) -> None:
+        super().__init__(detail)
+        self.loc = ["body", *field]
+
+    def content(self) -> dict[str, Any]:
+        return {"detail": [{"type": "value_error", "loc": self.loc, "msg": self.detail}]}
 
 
 class ServiceUnavailable(HTTPError):
