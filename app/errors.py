@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from pydantic import BaseModel
@@ -17,12 +18,20 @@ class HTTPError(Exception):
         self.detail = detail
         self.headers = headers or {}
 
+    def content(self) -> dict[str, Any]:
+        """The JSON body of the answer."""
+        return {"detail": self.detail}
+
 
 class Unauthorized(HTTPError):
     status_code = 401
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail, {"WWW-Authenticate": "Bearer"})
+
+    def content(self) -> dict[str, Any]:
+        """The JSON body of the answer."""
+        return {"detail": self.detail}
 
 
 class NotFound(HTTPError):
@@ -39,6 +48,19 @@ class Unprocessable(HTTPError):
 
 class TooManyRequests(HTTPError):
     status_code = 429
+
+
+class InvalidField(Unprocessable):
+    """A request body field refused by a check its schema cannot make (it needs a setting, the
+    dataset or DNS), answered in FastAPI's validation-error shape, as the routes document 422.
+    """
+
+    def __init__(self, field: Sequence[str], detail: str) -> None:
+        super().__init__(detail)
+        self.loc = ["body", *field]
+
+    def content(self) -> dict[str, Any]:
+        return {"detail": [{"type": "value_error", "loc": self.loc, "msg": self.detail}]}
 
 
 class ServiceUnavailable(HTTPError):

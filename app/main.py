@@ -76,7 +76,7 @@ def readyz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
 def http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPError)
     log.info("%s %s answered %s: %s", request.method, request.url.path, exc.status_code, exc.detail)
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(exc.content(), status_code=exc.status_code, headers=exc.headers)
 
 
 class EscapedJSONResponse(JSONResponse):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, IPvAnyNetwork
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.datasets.domain import MAX_EXAMPLES, MAX_JSON_DEPTH, MAX_LINE_BYTES
@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     webhook_backoff_seconds: float = Field(
         2.0, gt=0, description="First wait between deliveries; it doubles each time, to 300 s."
     )
+    webhook_allow_networks: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="Networks (CIDRs, a JSON list) a webhook may reach although they are not "
+        'public, e.g. ["10.20.0.0/16"]; by default webhooks go to public addresses only.',
+    )
     openai_base_url: str | None = Field(
         None,
         description="The OpenAI-compatible server (e.g. http://host:8000/v1) of the openai "
@@ -71,6 +76,12 @@ class Settings(BaseSettings):
     )
     openai_api_key: str | None = Field(
         None, description="Bearer token for the openai engine's server; unset: none sent."
+    )
+    max_generations_per_job: int = Field(
+        50_000_000,
+        ge=1,
+        description="Most completions a job may take at worst (examples x exemplar sets x "
+        "(1 + samples)); a submission over it is refused with a 422.",
     )
     max_upload_errors: int = Field(50, ge=1, description="Invalid lines listed in a 422.")
     max_upload_bytes: int = Field(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import uuid
@@ -170,6 +171,8 @@ def test_submit_commits_then_wakes_the_workers(
         commit()
 
     monkeypatch.setattr(session, "commit", recorded_commit)
+    public = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", 443))]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: public)
     job = submit(client, dataset_id, webhook_url="https://hooks.example.com/kma")
     assert events == ["commit", (WORK,)]
     assert job["status"] == "queued"
@@ -196,6 +199,22 @@ def test_submit_commits_then_wakes_the_workers(
         ({"config": {"samples": -1}}, ["body", "config", "samples"]),
         ({"config": {"sample": 4}}, ["body", "config", "sample"]),
         ({"config": {"top_k": 0}}, ["body", "config", "top_k"]),
+        ({"config": {"top_k": 1001}}, ["body", "config", "top_k"]),
+        ({"config": {"seed": 2**63}}, ["body", "config", "seed"]),
+        ({"config": {"idk_text": "x" * 1001}}, ["body", "config", "idk_text"]),
+        ({"config": {"flag_categories": []}}, ["body", "config", "flag_categories"]),
+        (
+            {"config": {"flag_categories": ["Unknown", "Unknown"]}},
+            ["body", "config", "flag_categories"],
+        ),
+        (
+            {"config": {"prompt": {"query": "Q: {question:>1000000000}\nA:"}}},
+            ["body", "config", "prompt", "query"],
+        ),
+        (
+            {"config": {"prompt": {"exemplar": "Q: {question}\nA: {answer}" + " " * 4000}}},
+            ["body", "config", "prompt", "exemplar"],
+        ),
         ({"student": {"model": "tiny", "engine": "tpu"}}, ["body", "student", "engine"]),
         ({"webhook_url": "ftp://example.com"}, ["body", "webhook_url"]),
     ],
@@ -209,6 +228,94 @@ def test_submit_refuses_bad_options(
     assert response.status_code == 422
     assert [e["loc"] for e in response.json()["detail"]] == [field]
     assert events == []
+
+
+def test_submit_refuses_a_job_over_the_generation_limit(
+    client: TestClient, api: FastAPI, broker_url: str, dataset_id: str, events: list[Any]
+) -> None:
+    api.dependency_overrides[get_settings] = lambda: Settings(
+        broker_url=broker_url, max_generations_per_job=5 * 10 * 17
+    )
+    submit(client, dataset_id)  # 5 examples x 10 exemplar sets x (1 + 16): exactly the limit
+    events.clear()
+    response = client.post(
+        "/v1/jobs",
+        json={"dataset_id": dataset_id, "student": {"model": "tiny"}, "config": {"samples": 17}},
+    )
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "config"]
+    assert "900 generations" in error["msg"]
+    assert "limit of 850" in error["msg"]
+    assert events == []
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://127.0.0.1:9/hook", "resolves to a loopback address"),
+        ("http://[::1]/hook", "resolves to a loopback address"),
+        ("http://169.254.169.254/latest/meta-data/", "resolves to a link-local address"),
+        ("http://10.0.0.1/", "resolves to a private address"),
+        ("http://localhost/", "resolves to a loopback address"),
+        ("http://nowhere.invalid/", "does not resolve"),
+        ("http://user:pw@hooks.example.com/", "user info"),
+    ],
+)
+def test_submit_refuses_a_webhook_to_a_non_public_address(
+    client: TestClient,
+    dataset_id: str,
+    events: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+    url: str,
+    reason: str,
+) -> None:
+    getaddrinfo = socket.getaddrinfo
+
+    def offline(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host.endswith(".invalid"):  # answered here: no DNS query leaves the machine
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    response = client.post(
+        "/v1/jobs",
+        json={"dataset_id": dataset_id, "student": {"model": "tiny"}, "webhook_url": url},
+    )
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "webhook_url"]
+    assert reason in error["msg"]
+    assert events == []
+
+
+def test_an_allowed_network_lets_a_webhook_through(
+    client: TestClient, api: FastAPI, broker_url: str, dataset_id: str
+) -> None:
+    api.dependency_overrides[get_settings] = lambda: Settings(
+        broker_url=broker_url, webhook_allow_networks=["127.0.0.0/8"]
+    )
+    job = submit(client, dataset_id, webhook_url="http://127.0.0.1:9/hook")
+    assert job["webhook_url"] == "http://127.0.0.1:9/hook"
+
+
+def test_a_refusal_matches_the_documented_422(client: TestClient, dataset_id: str) -> None:
+    schema = client.get("/openapi.json").json()
+    documented = schema["paths"]["/v1/jobs"]["post"]["responses"]["422"]
+    assert documented["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/HTTPValidationError"
+    )
+    item = schema["components"]["schemas"]["ValidationError"]
+    response = client.post(
+        "/v1/jobs",
+        json={
+            "dataset_id": dataset_id,
+            "student": {"model": "tiny"},
+            "webhook_url": "http://[::1]/",
+        },
+    )
+    (error,) = response.json()["detail"]
+    assert set(item["required"]) <= set(error) <= set(item["properties"])
 
 
 def test_submit_to_an_unknown_dataset(client: TestClient, events: list[Any]) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from app.audit.domain import (
     Tally,
@@ -20,6 +24,7 @@ from app.audit.domain import (
     sampling_rounds,
     student_answer,
     token_f1,
+    worst_case_generations,
 )
 from app.audit.schemas import AuditConfig, Category, SuggestedAction
 from app.datasets.domain import Example
@@ -149,6 +154,64 @@ def test_prompt_template_needs_its_fields() -> None:
         AuditConfig(prompt={"exemplar": "Q: {question}\n"})
     with pytest.raises(ValueError, match="question"):
         AuditConfig(prompt={"query": "A: {answer}"})
+
+
+@pytest.mark.parametrize(
+    ("query", "problem"),
+    [
+        ("Q: {question:>1000000000}\nA:", "format spec"),
+        ("Q: {question!r}\nA:", "conversion"),
+        ("Q: {question.__class__}\nA:", "attribute or index access"),
+        ("Q: {question[0]}\nA:", "attribute or index access"),
+        ("Q: {}\nA:", "positional field"),
+        ("Q: {0}\nA:", "positional field"),
+        ("Q: {question} {context}\nA:", "unknown field {context}"),
+        ("Q: {question\nA:", "write a literal brace as {{ or }}"),
+        ("Q: {question}}", "write a literal brace as {{ or }}"),
+        ("Q: " + "x" * 4000 + "{question}", "at most 4000 characters"),
+    ],
+)
+def test_prompt_template_takes_plain_fields_only(query: str, problem: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(problem)) as refused:
+        AuditConfig(prompt={"query": query})
+    assert [e["loc"] for e in refused.value.errors()] == [("prompt", "query")]
+
+
+def test_prompt_template_keeps_escaped_braces() -> None:
+    config = AuditConfig(
+        shots=1,
+        n_exemplar_sets=1,
+        prompt={"exemplar": "{{Q}} {question} {{A}} {answer}\n", "query": "{{Q}} {question}"},
+    )
+    examples = [Example("1", "q1?", "a1"), Example("2", "q2?", "a2")]
+    (prompt,) = build_prompts(examples[1], draw_exemplar_sets(examples, config), config)
+    assert prompt == "{Q} q1? {A} a1\n{Q} q2?"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"top_k": 1001},
+        {"seed": 2**63},
+        {"seed": -(2**63) - 1},
+        {"idk_text": "x" * 1001},
+        {"flag_categories": []},
+        {"flag_categories": ["Unknown", "Unknown"]},
+        {"temperature": float("nan")},
+        {"top_p": float("inf")},
+    ],
+)
+def test_every_config_number_is_bounded(options: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        AuditConfig(**options)
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "full"])
+def test_worst_case_generations(mode: str) -> None:
+    assert worst_case_generations(AuditConfig(mode=mode), 40) == 40 * 10 * 17
+    assert worst_case_generations(AuditConfig(samples=0, n_exemplar_sets=3), 7) == 21
+    big = AuditConfig(n_exemplar_sets=100, samples=1024, max_new_tokens=512, mode=mode)
+    assert worst_case_generations(big, 40) == 4_100_000
 
 
 def test_exemplar_sets_never_contain_the_question_itself() -> None:

@@ -79,7 +79,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """
     data_dir = tmp_path_factory.mktemp("kma-data")
     port = free_port()
-    env = clean_env(KMA_DATA_DIR=str(data_dir), KMA_WEBHOOK_BACKOFF_SECONDS="0.5")
+    env = clean_env(
+        KMA_DATA_DIR=str(data_dir),
+        KMA_WEBHOOK_BACKOFF_SECONDS="0.5",
+        KMA_WEBHOOK_ALLOW_NETWORKS='["127.0.0.0/8"]',  # the test's receiver is local
+    )
     server = start(["serve", "--port", str(port)], env, data_dir / "log")
     url = f"http://127.0.0.1:{port}"
     try:

@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -22,7 +23,7 @@ from app.jobs import service as jobs_service
 from app.logs import job_logging
 from app.queue import SEND_WEBHOOK, WORK, get_queue, make_celery
 from app.settings import get_settings
-from app.webhooks import SIGNATURE_HEADER, sign
+from app.webhooks import IPNetwork, WebhookRefused, WebhookUnresolved, check_url, pinned_request
 from workers import jobs
 from workers.engines import load_engine
 from workers.engines.base import Engine
@@ -104,7 +105,10 @@ def work() -> None:
 
 @celery.task(name=SEND_WEBHOOK, bind=True)
 def send_webhook(task: Any, job_id: str) -> None:
-    """POST the job's JSON to its webhook, signed; retried with doubling waits."""
+    """POST the job's JSON to its webhook, signed; retried with doubling waits.
+
+    A URL that now resolves to an address webhooks may not reach is not called, nor retried.
+    """
     settings = get_settings()
     with job_logging(job_id):
         with get_sessionmaker()() as session:
@@ -112,9 +116,11 @@ def send_webhook(task: Any, job_id: str) -> None:
         if webhook is None:
             return
         try:
-            deliver_webhook(webhook.url, webhook.body, webhook.secret)
+            deliver_webhook(
+                webhook.url, webhook.body, webhook.secret, settings.webhook_allow_networks
+            )
             log.info("webhook delivered to %s", webhook.url)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, WebhookUnresolved) as exc:
             attempt = task.request.retries + 1
             if attempt >= settings.webhook_attempts:
                 log.error("webhook gave up after %s attempts: %s", attempt, exc)
@@ -122,13 +128,24 @@ def send_webhook(task: Any, job_id: str) -> None:
             wait = min(settings.webhook_backoff_seconds * 2**task.request.retries, 300)
             log.warning("webhook attempt %s failed (%s); again in %.1f s", attempt, exc, wait)
             raise task.retry(countdown=wait, max_retries=settings.webhook_attempts) from exc
+        except WebhookRefused as exc:
+            log.error("webhook not sent: %s %s", webhook.url, exc)
 
 
-def deliver_webhook(url: str, body: bytes, secret: str) -> None:
-    response = httpx.post(
-        url,
-        content=body,
-        headers={"Content-Type": "application/json", SIGNATURE_HEADER: sign(body, secret)},
-        timeout=10,
-    )
-    response.raise_for_status()
+def deliver_webhook(
+    url: str,
+    body: bytes,
+    secret: str,
+    allow_networks: Sequence[IPNetwork] = (),
+    transport: httpx.BaseTransport | None = None,
+) -> None:
+    """POST once, to the address the URL's host resolves to now, if that one is allowed.
+
+    Checked again here because a name's addresses can change after submission (DNS rebinding);
+    the request goes to the address checked, not to a second lookup. A redirect is not followed:
+    it fails the delivery like any answer other than 2xx.
+    """
+    checked, addresses = check_url(url, allow_networks)
+    request = pinned_request(checked, addresses[0], body, secret)
+    with httpx.Client(transport=transport, timeout=10, follow_redirects=False) as client:
+        client.send(request).raise_for_status()

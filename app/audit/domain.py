@@ -210,6 +210,15 @@ class Tally:
         return self.greedy + [text for per_prompt in self.samples for text in per_prompt]
 
 
+def worst_case_generations(config: AuditConfig, examples: int) -> int:
+    """The most completions an audit of `examples` examples can take under the config.
+
+    Each example has one prompt per exemplar set, each a greedy answer and `samples` samples. Full
+    mode always takes this many; adaptive mode can, when the student knows none of the answers.
+    """
+    return examples * config.n_exemplar_sets * (1 + config.samples)
+
+
 def sampling_rounds(samples: int) -> list[int]:
     """Cumulative samples per prompt after each adaptive round: 1, 4, 16, 64, ... up to `samples`.
 

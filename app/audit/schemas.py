@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import string
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
@@ -26,8 +26,43 @@ Matcher = Literal["normalized_exact", "contains", "token_f1"]
 Mode = Literal["adaptive", "full"]
 
 
-def _fields(template: str) -> set[str]:
-    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+PROMPT_FIELDS = ("question", "answer")
+MAX_TEMPLATE_CHARS = 4000
+
+
+def template_fields(template: str) -> set[str]:
+    """The fields a prompt template fills in, each a plain `{question}` or `{answer}`.
+
+    Anything more `str.format` would do with the text (a format spec such as `{question:>9}`, a
+    conversion such as `{question!r}`, attribute or index access, a positional `{}`) is refused:
+    a template is data from the caller, and those can make it huge or read an object's insides.
+    Literal braces are written `{{` and `}}`.
+    """
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:  # an unmatched brace
+        raise ValueError(f"{exc}; write a literal brace as {{{{ or }}}}") from None
+    fields: set[str] = set()
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name == "" or name.isdigit():
+            raise ValueError(
+                f"a positional field {{{name}}} is not allowed; name {{question}} or {{answer}}"
+            )
+        if name not in PROMPT_FIELDS:
+            if name.split(".", 1)[0].split("[", 1)[0] in PROMPT_FIELDS:
+                raise ValueError(f"attribute or index access {{{name}}} is not allowed")
+            raise ValueError(f"unknown field {{{name}}}; only {{question}} and {{answer}} exist")
+        if conversion is not None:
+            raise ValueError(f"a conversion (!{conversion}) is not allowed on {{{name}}}")
+        if spec:
+            raise ValueError(f"a format spec (:{spec}) is not allowed on {{{name}}}")
+        fields.add(name)
+    return fields
+
+
+Template = Annotated[str, Field(max_length=MAX_TEMPLATE_CHARS)]
 
 
 class PromptTemplate(BaseModel):
@@ -35,20 +70,20 @@ class PromptTemplate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    exemplar: str = "Q: {question}\nA: {answer}\n\n"
-    query: str = "Q: {question}\nA:"
+    exemplar: Template = "Q: {question}\nA: {answer}\n\n"
+    query: Template = "Q: {question}\nA:"
 
     @field_validator("exemplar")
     @classmethod
     def _exemplar_fields(cls, value: str) -> str:
-        if _fields(value) != {"question", "answer"}:
+        if template_fields(value) != {"question", "answer"}:
             raise ValueError("must use exactly the fields {question} and {answer}")
         return value
 
     @field_validator("query")
     @classmethod
     def _query_fields(cls, value: str) -> str:
-        if _fields(value) != {"question"}:
+        if template_fields(value) != {"question"}:
             raise ValueError("must use exactly the field {question}")
         return value
 
@@ -56,22 +91,24 @@ class PromptTemplate(BaseModel):
 class AuditConfig(BaseModel):
     """The method's options. The defaults are SliCK's (Gekhman et al. 2024)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     n_exemplar_sets: int = Field(10, ge=1, le=100, description="Few-shot prompts per question.")
     shots: int = Field(4, ge=0, le=32, description="Exemplars per prompt.")
     samples: int = Field(16, ge=0, le=1024, description="Sampled answers per prompt.")
     temperature: float = Field(0.5, gt=0.0, le=2.0, description="Sampling temperature.")
-    top_k: int = Field(40, ge=-1, description="Top-k for samples; -1 turns it off.")
+    top_k: int = Field(40, ge=-1, le=1000, description="Top-k for samples; -1 turns it off.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling for samples.")
     max_new_tokens: int = Field(32, ge=1, le=512, description="Longest answer, in tokens.")
     matcher: Matcher = "normalized_exact"
     f1_threshold: float = Field(0.5, gt=0.0, le=1.0, description="For matcher token_f1.")
     mode: Mode = Field("adaptive", description="adaptive: same categories, fewer generations.")
-    flag_categories: tuple[Category, ...] = (Category.UNKNOWN,)
+    flag_categories: tuple[Category, ...] = Field(
+        (Category.UNKNOWN,), min_length=1, description="Categories that are flagged; no repeats."
+    )
     student_answer_min_agreement: float = Field(0.9, ge=0.0, le=1.0)
-    idk_text: str = Field("I don't know.", min_length=1)
-    seed: int = Field(0, description="Draws the exemplar sets.")
+    idk_text: str = Field("I don't know.", min_length=1, max_length=1000)
+    seed: int = Field(0, ge=-(2**63), le=2**63 - 1, description="Draws the exemplar sets.")
     prompt: PromptTemplate = PromptTemplate()
     chat_template: bool = Field(
         False,
@@ -84,6 +121,13 @@ class AuditConfig(BaseModel):
     def _top_k(cls, value: int) -> int:
         if value == 0:
             raise ValueError("must be -1 (off) or at least 1")
+        return value
+
+    @field_validator("flag_categories")
+    @classmethod
+    def _unique_categories(cls, value: tuple[Category, ...]) -> tuple[Category, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("must not name a category twice")
         return value
 
 

@@ -47,6 +47,7 @@ def create_job(
     session: SessionDep,
     workspace: WorkspaceDep,
     queue: QueueDep,
+    settings: SettingsDep,
     job_create: JobCreate,
     idempotency_key: Annotated[
         str | None,
@@ -59,10 +60,12 @@ def create_job(
 ) -> JobRead:
     """Queue an audit of the dataset against the student; poll the job it answers.
 
-    Every option is checked now: an invalid one answers 422 naming its field. A stored job
-    always starts, even when the broker is down as it is submitted: workers find it then.
+    Every option is checked now: an invalid one answers 422 naming its field, as does a job that
+    could take more than `KMA_MAX_GENERATIONS_PER_JOB` generations (`config`) or a webhook that
+    is not a public http(s) address (`webhook_url`). A stored job always starts, even when the
+    broker is down as it is submitted: workers find it then.
     """
-    job, created = service.create_job(session, workspace.id, job_create, idempotency_key)
+    job, created = service.create_job(session, workspace.id, job_create, settings, idempotency_key)
     session.commit()
     if created:
         wake_workers(queue)

@@ -15,11 +15,17 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.audit.domain import ExportPolicy, conflict_item, export_record, summarize_tallies
+from app.audit.domain import (
+    ExportPolicy,
+    conflict_item,
+    export_record,
+    summarize_tallies,
+    worst_case_generations,
+)
 from app.audit.schemas import Audit, AuditConfig, Category, ConflictRead, Report, Student
 from app.datasets import service as datasets_service
 from app.datasets.domain import parse_record
-from app.errors import Conflict, NotFound, Unprocessable
+from app.errors import Conflict, InvalidField, NotFound, Unprocessable
 from app.jobs import lifecycle, report_page, repository
 from app.jobs.schemas import (
     ConflictPage,
@@ -34,6 +40,8 @@ from app.jobs.schemas import (
 )
 from app.models import Example as ExampleRow
 from app.models import Job, JobStatus, Verdict, Workspace, utcnow
+from app.settings import Settings
+from app.webhooks import WebhookRefused, check_url
 from app.workspaces.domain import page_link_opens, page_link_token
 
 log = logging.getLogger(__name__)
@@ -124,14 +132,23 @@ def create_job(
     session: Session,
     workspace_id: uuid.UUID,
     job_create: JobCreate,
+    settings: Settings,
     idempotency_key: str | None = None,
 ) -> tuple[JobRead, bool]:
     """A queued job over the whole dataset, and whether it is new; the caller commits, then
     tells the workers.
 
-    A submission retried with the same `idempotency_key` gives the job the first one made.
+    Refused (422) when the job could take more generations than the limit, or its webhook does
+    not go to a public address. A submission retried with the same `idempotency_key` gives the
+    job the first one made.
     """
+    if job_create.webhook_url is not None:  # a DNS lookup: before any query opens a transaction
+        try:
+            check_url(str(job_create.webhook_url), settings.webhook_allow_networks)
+        except WebhookRefused as exc:
+            raise InvalidField(["webhook_url"], f"webhook_url {exc}") from exc
     dataset = datasets_service.get_dataset(session, workspace_id, job_create.dataset_id)
+    _check_generations(job_create.config, dataset.num_examples, settings.max_generations_per_job)
     job = Job(
         workspace_id=workspace_id,
         dataset_id=dataset.id,
@@ -162,6 +179,18 @@ def create_job(
     session.add(job)
     session.flush()
     return _read(session, job), True
+
+
+def _check_generations(config: AuditConfig, examples: int, limit: int) -> None:
+    worst = worst_case_generations(config, examples)
+    if worst > limit:
+        raise InvalidField(
+            ["config"],
+            f"this job could take up to {worst:,} generations ({examples:,} examples x "
+            f"{config.n_exemplar_sets} exemplar sets x (1 + {config.samples}) samples), over "
+            f"the limit of {limit:,} per job; lower n_exemplar_sets or samples, or split the "
+            "dataset",
+        )
 
 
 def _submission(job: Job) -> tuple[Any, ...]:
