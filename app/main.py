@@ -9,11 +9,13 @@ from dataclasses import asdict
 from importlib.metadata import version
 from typing import Any
 
+import anyio
 import kombu
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sqlalchemy_errors
 from sqlalchemy import text
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -21,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.datasets.domain import DatasetError
 from app.datasets.router import router as datasets_router
 from app.deps import SessionDep, SettingsDep
-from app.errors import HTTPError
+from app.errors import ErrorRead, HTTPError
 from app.jobs.router import router as jobs_router
 from app.logs import job_logging
 from app.metrics import router as metrics_router
@@ -36,6 +38,9 @@ with the answers the student does not know relabelled or dropped.
 """
 
 log = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS = 2
+"""What a 503 for a busy or unreachable database asks the client to wait."""
 
 health = APIRouter(tags=["health"])
 
@@ -95,6 +100,24 @@ def invalid_request(request: Request, exc: Exception) -> JSONResponse:
     return EscapedJSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
 
+def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """No connection was free in time (the pool's `TimeoutError`) or the database did not
+    answer or cancelled the statement (`OperationalError`): 503, try again soon. The details,
+    SQL and addresses, go to the log only."""
+    if isinstance(exc, sqlalchemy_errors.TimeoutError):
+        detail = "the database is busy: no connection was free in time; retry later"
+    else:
+        detail = "the database is unavailable; retry later"
+    log.warning("%s %s answered 503: %s", request.method, request.url.path, exc)
+    return unavailable(detail)
+
+
+def unavailable(detail: str) -> JSONResponse:
+    return JSONResponse(
+        {"detail": detail}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
+    )
+
+
 def invalid_dataset(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DatasetError)
     invalid = len(exc.errors) + exc.more
@@ -107,6 +130,7 @@ def invalid_dataset(request: Request, exc: Exception) -> JSONResponse:
 
 
 def create_app() -> FastAPI:
+    settings = get_settings()
     app = FastAPI(
         title="kma",
         summary="Knowledge-mismatch audit for distillation datasets.",
@@ -118,15 +142,29 @@ def create_app() -> FastAPI:
             {"name": "workspace", "description": "The workspace of the request's API key."},
             {"name": "health", "description": "Liveness, readiness and metrics; no key needed."},
         ],
+        responses={
+            503: {
+                "model": ErrorRead,
+                "description": "The database is busy or unreachable; retry after `Retry-After` "
+                "seconds.",
+            }
+        },
     )
     app.add_exception_handler(HTTPError, http_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(sqlalchemy_errors.TimeoutError, database_unavailable)
+    app.add_exception_handler(sqlalchemy_errors.OperationalError, database_unavailable)
     app.add_exception_handler(DatasetError, invalid_dataset)
     app.include_router(datasets_router, prefix="/v1")
     app.include_router(jobs_router, prefix="/v1")
     app.include_router(workspace_router, prefix="/v1")
     app.include_router(health)
     app.include_router(metrics_router)
+    app.add_middleware(
+        RequestSlots,
+        slots=settings.db_pool_size + settings.db_max_overflow,
+        wait_seconds=settings.db_pool_timeout_seconds,
+    )
     app.add_middleware(JobLogging)
     app.add_middleware(UploadLimit)
     return app
@@ -194,6 +232,39 @@ class JobLogging:
             return
         with job_logging(match.group(1)):
             await self.app(scope, receive, send)
+
+
+class RequestSlots:
+    """At most `slots` requests under way, as many as the pool has database connections; the
+    others wait their turn, and answer 503 with Retry-After if it takes `wait_seconds`.
+
+    A request holds its connection until its response is sent, and FastAPI serializes a sync
+    endpoint's response in the threadpool. With more requests under way than connections,
+    threads waiting for a connection can take every thread that the serializations, which
+    would give the connections back, are waiting for: the API stalls until the pool times out.
+    `/healthz` never waits: liveness does not depend on the database.
+    """
+
+    def __init__(self, app: ASGIApp, slots: int, wait_seconds: float) -> None:
+        self.app = app
+        self.slots = anyio.Semaphore(slots)
+        self.wait_seconds = wait_seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/healthz":
+            await self.app(scope, receive, send)
+            return
+        try:
+            with anyio.fail_after(self.wait_seconds):
+                await self.slots.acquire()
+        except TimeoutError:
+            log.warning("%s %s answered 503: no request slot", scope["method"], scope["path"])
+            await unavailable("the API is busy; retry later")(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.slots.release()
 
 
 app = create_app()

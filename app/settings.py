@@ -24,6 +24,24 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(
         None, description="Redis URL for Celery; unset: the embedded Redis under data_dir."
     )
+    db_pool_size: int = Field(
+        10, ge=1, description="Database connections each process keeps open (the pool)."
+    )
+    db_max_overflow: int = Field(
+        10, ge=0, description="Connections a process may open beyond the pool when it is busy."
+    )
+    db_pool_timeout_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="How long a request waits for a database connection, from the pool or a new "
+        "one (at least 2 s for a new one), before the API answers 503 with Retry-After.",
+    )
+    db_statement_timeout_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="The longest statement of an API request (an upload's COPY excepted); "
+        "0: no limit. Workers have none.",
+    )
     chunk_size: int = Field(256, ge=1, description="Examples per worker task.")
     lease_seconds: float = Field(
         60.0,

@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -198,16 +198,17 @@ def api_key(database_url: str) -> str:
 
 @contextmanager
 def api_process(
-    database_url: str, broker_url: str, log_path: Path
+    database_url: str, broker_url: str, log_path: Path, options: Sequence[str] = ()
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """`kma api` as its own process, ready; yields it and its base URL, stops it on exit."""
+    """`kma api [options]` as its own process, ready; yields it and its base URL, stops it on
+    exit."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "KMA_DATABASE_URL": database_url, "KMA_BROKER_URL": broker_url}
     command = [sys.executable, "-m", "kma.cli", "api", "--host", "127.0.0.1", "--port"]
     with log_path.open("wb") as log:
         server = subprocess.Popen(
-            [*command, str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+            [*command, str(port), *options], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
         )
     try:
         wait_until_ready(f"{base_url}/readyz", server, READY_TIMEOUT)

@@ -53,6 +53,8 @@ def copy_examples(session: Session, dataset_id: uuid.UUID) -> Iterator[ExampleWr
     psycopg sends COPY data as its buffer fills, so memory stays flat however many rows pass.
     """
     connection = cast("psycopg.Connection[Any]", session.connection().connection.driver_connection)
+    # The COPY lasts as long as the client sends: the API's statement timeout is no bound to it.
+    connection.execute("SET LOCAL statement_timeout = 0")
     with connection.cursor() as cursor, cursor.copy(COPY_EXAMPLES) as copy:
 
         def write(position: int, record: Record) -> None:

@@ -171,7 +171,12 @@ def add_server_commands(commands: Any) -> None:
     api = commands.add_parser("api", help="the API alone (production)")
     api.add_argument("--host", default="127.0.0.1", help="e.g. 0.0.0.0 to listen on every address")
     api.add_argument("--port", type=int, default=8000)
-    api.add_argument("--workers", type=int, default=1, help="uvicorn processes")
+    api.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="uvicorn processes, at most one per core; each has its own database pool",
+    )
     api.set_defaults(run=cmd_api)
 
     worker = commands.add_parser(

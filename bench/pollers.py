@@ -1,0 +1,331 @@
+"""Many clients polling one job on a real `kma api` process: latency, throughput and errors.
+
+Usage: .venv/bin/python bench/pollers.py [--clients 200] [--seconds 30] [--interval 1]
+                                         [--examples 1000] [--api-workers 1] [--keep]
+
+Starts `python -m kma.cli api` on a fresh, migrated database (as bench/upload_export.py does),
+uploads a qa dataset of `--examples` lines, submits a job over it and writes what a worker would
+have written so far (the job running, a verdict for every example, one chunk's generation
+counts), so that `GET /v1/jobs/{id}` counts real rows. No worker runs. Then `--clients`
+clients, each on its own connection, poll `GET /v1/jobs/{id}` for `--seconds`: once every
+`--interval` seconds, each with a random phase, or with `--interval 0` one request after
+another as fast as the server answers (closed loop, to show saturation). A request that gets
+no answer within `--timeout` seconds counts as a timeout, at that latency.
+
+PostgreSQL: KMA_DATABASE_URL when set, else the machine's on 127.0.0.1:5432 (a fresh
+`kma_bench_*` database, dropped at the end), else an embedded one. Redis: KMA_BROKER_URL when
+set, else db 7 of the machine's, else an embedded one; the job's work hint is taken back off the
+queue. Other KMA_* settings (the pool sizes, timeouts) reach the API from the environment.
+Prints the latency percentiles, requests/s and the answers by status; the last line of stdout
+is the result as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from app.db import make_engine  # noqa: E402
+from app.embedded import start_redis, stop_redis  # noqa: E402
+from app.jobs import lifecycle  # noqa: E402
+from app.models import Chunk, ChunkStatus, Job, utcnow  # noqa: E402
+from app.queue import WORK, WORK_QUEUE  # noqa: E402
+from bench.upload_export import api_process, database, machine, redis_answers, upload  # noqa: E402
+
+LOCAL_REDIS = "redis://127.0.0.1:6379/7"
+CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
+
+
+@contextmanager
+def broker(work_dir: Path) -> Iterator[tuple[str, str]]:
+    """A Redis broker: (URL, where it comes from)."""
+    if url := os.environ.get("KMA_BROKER_URL"):
+        yield url, "KMA_BROKER_URL"
+    elif redis_answers(LOCAL_REDIS):
+        yield LOCAL_REDIS, "local Redis db 7"
+    else:
+        server, url = start_redis(work_dir / "redis")
+        try:
+            yield url, "embedded Redis"
+        finally:
+            stop_redis(server)
+
+
+def build_dataset(path: Path, examples: int) -> None:
+    with path.open("w", encoding="utf-8") as out:
+        for i in range(examples):
+            record = {"id": f"q{i}", "question": f"What is number {i}?", "answer": str(i)}
+            out.write(json.dumps(record) + "\n")
+
+
+def running_job(client: httpx.Client, database_url: str, broker_url: str, dataset_id: str) -> str:
+    """A job submitted over HTTP, then running with a verdict for every example, as a worker
+    would have left it."""
+    response = client.post(
+        "/v1/jobs", json={"dataset_id": dataset_id, "student": {"model": "none"}}
+    )
+    if response.status_code != 202:
+        raise RuntimeError(f"job submission answered {response.status_code}: {response.text}")
+    job_id = uuid.UUID(response.json()["id"])
+    take_back_work_hints(broker_url)
+    engine = make_engine(database_url)
+    try:
+        with Session(engine) as session:
+            job = session.get_one(Job, job_id)
+            lifecycle.start(job)
+            session.add(
+                Chunk(
+                    job_id=job.id, index=0, start=0, stop=job.total, status=ChunkStatus.DONE,
+                    attempts=1, failures=0, generations=17 * job.total, cached_generations=0,
+                    engine_calls=2, engine_seconds=1.0, seconds=2.0, finished_at=utcnow(),
+                )
+            )  # fmt: skip
+            session.execute(
+                text(
+                    "INSERT INTO verdict (job_id, position, category, flagged, conflict, audit, "
+                    "answers) SELECT :job_id, i, (CAST(:categories AS text[]))[1 + i % 4], "
+                    "i % 4 = 3, false, '{}'::jsonb, '{}'::jsonb "
+                    "FROM generate_series(0, :total - 1) AS i"
+                ),
+                {"job_id": job.id, "categories": list(CATEGORIES), "total": job.total},
+            )
+            session.commit()
+            session.execute(text("ANALYZE verdict"))
+            session.commit()
+    finally:
+        engine.dispose()
+    return str(job_id)
+
+
+def take_back_work_hints(broker_url: str) -> None:
+    """No worker runs: remove the hint the submission queued, so none other takes it."""
+    client = redis.Redis.from_url(broker_url, decode_responses=True)
+    for message in map(str, client.lrange(WORK_QUEUE, 0, -1)):
+        if WORK in message:
+            client.lrem(WORK_QUEUE, 1, message)
+
+
+@dataclass
+class Tally:
+    latencies: list[float] = field(default_factory=list)
+    statuses: Counter[str] = field(default_factory=Counter)
+
+
+def make_client(base_url: str, timeout: float) -> httpx.AsyncClient:
+    """A client with one connection. Plain HTTP: no certificates to load (tens of ms each,
+    which 200 clients made as they started would add to their first requests)."""
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    return httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout, verify=False)
+
+
+async def poll(
+    client: httpx.AsyncClient, path: str, interval: float, started: float, until: float
+) -> Tally:
+    """One client: a GET every `interval` s from a random phase, or back to back when
+    `interval` is 0, until `until`."""
+    tally = Tally()
+    next_at = started + random.uniform(0, interval)
+    async with client:
+        while True:
+            now = time.perf_counter()
+            if next_at > now:
+                await asyncio.sleep(next_at - now)
+            sent = time.perf_counter()
+            if sent >= until:
+                return tally
+            try:
+                response = await client.get(path)
+                tally.statuses[str(response.status_code)] += 1
+            except httpx.TimeoutException:
+                tally.statuses["timeout"] += 1
+            except httpx.HTTPError as exc:
+                tally.statuses[type(exc).__name__] += 1
+            tally.latencies.append(time.perf_counter() - sent)
+            next_at = max(next_at + interval, time.perf_counter()) if interval else 0.0
+
+
+async def poll_all(
+    base_url: str, path: str, clients: int, interval: float, seconds: float, timeout: float
+) -> tuple[Tally, float]:
+    made = [make_client(base_url, timeout) for _ in range(clients)]
+    started = time.perf_counter()
+    until = started + seconds
+    tallies = await asyncio.gather(
+        *(poll(client, path, interval, started, until) for client in made)
+    )
+    total = Tally()
+    for tally in tallies:
+        total.latencies += tally.latencies
+        total.statuses.update(tally.statuses)
+    return total, time.perf_counter() - started
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else 0.0
+
+
+@dataclass
+class Result:
+    clients: int
+    interval_s: float
+    seconds: float
+    examples: int
+    api_workers: int
+    requests: int
+    requests_per_s: float
+    ok: int
+    statuses: dict[str, int]
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    load_average_before: tuple[float, float, float]
+    load_average_after: tuple[float, float, float]
+    database: str
+    broker: str
+    settings: dict[str, str]
+    machine: dict[str, Any] = field(default_factory=dict)
+
+
+def run(args: argparse.Namespace, work_dir: Path) -> Result:
+    path = work_dir / "dataset.jsonl"
+    build_dataset(path, args.examples)
+    with ExitStack() as stack:
+        database_url, database_source = stack.enter_context(database(work_dir, args.keep))
+        broker_url, broker_source = stack.enter_context(broker(work_dir))
+        print(f"database: {database_source}; broker: {broker_source}", file=sys.stderr)
+        _, base_url = stack.enter_context(
+            api_process(
+                database_url,
+                broker_url,
+                work_dir / "api.log",
+                ["--workers", str(args.api_workers)],
+            )
+        )
+        with httpx.Client(base_url=base_url, timeout=60) as client:
+            dataset_id, _ = upload(client, path, args.examples)
+            job_id = running_job(client, database_url, broker_url, dataset_id)
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            assert job["progress"]["done"] == args.examples, job
+        load_before = os.getloadavg()
+        mode = f"every {args.interval} s" if args.interval else "closed loop"
+        print(
+            f"{args.clients} clients polling job {job_id} ({mode}) for {args.seconds} s; "
+            f"load average {load_before[0]:.2f}",
+            file=sys.stderr,
+        )
+        tally, elapsed = asyncio.run(
+            poll_all(
+                base_url,
+                f"/v1/jobs/{job_id}",
+                args.clients,
+                args.interval,
+                args.seconds,
+                args.timeout,
+            )
+        )
+        load_after = os.getloadavg()
+        requests = len(tally.latencies)
+        return Result(
+            clients=args.clients,
+            interval_s=args.interval,
+            seconds=round(elapsed, 1),
+            examples=args.examples,
+            api_workers=args.api_workers,
+            requests=requests,
+            requests_per_s=round(requests / elapsed, 1),
+            ok=tally.statuses["200"],
+            statuses=dict(sorted(tally.statuses.items())),
+            p50_ms=round(percentile(tally.latencies, 50) * 1000, 1),
+            p90_ms=round(percentile(tally.latencies, 90) * 1000, 1),
+            p99_ms=round(percentile(tally.latencies, 99) * 1000, 1),
+            max_ms=round(max(tally.latencies, default=0.0) * 1000, 1),
+            load_average_before=load_before,
+            load_average_after=load_after,
+            database=database_source,
+            broker=broker_source,
+            settings={k: v for k, v in sorted(os.environ.items()) if k.startswith("KMA_DB_")},
+            machine=machine(database_url),
+        )
+
+
+def table(result: Result) -> str:
+    rows = [
+        ("clients", f"{result.clients}, polling every {result.interval_s} s"),
+        ("requests", f"{result.requests} in {result.seconds} s, {result.requests_per_s}/s"),
+        ("answers", ", ".join(f"{k}: {v}" for k, v in result.statuses.items())),
+        (
+            "latency ms",
+            f"p50 {result.p50_ms}, p90 {result.p90_ms}, p99 {result.p99_ms}, max {result.max_ms}",
+        ),
+        (
+            "load average",
+            f"{result.load_average_before[0]:.2f} before, {result.load_average_after[0]:.2f} after",
+        ),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--clients", type=int, default=200, help="concurrent pollers")
+    parser.add_argument("--seconds", type=float, default=30.0, help="how long they poll")
+    parser.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between a client's polls; 0: none"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=35.0, help="seconds a request waits for its answer"
+    )
+    parser.add_argument("--examples", type=int, default=1000, help="the job's examples/verdicts")
+    parser.add_argument("--api-workers", type=int, default=1, help="`kma api --workers`")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temp dir (API log) and the database"
+    )
+    args = parser.parse_args(argv)
+    if args.clients < 1 or args.examples < 1 or args.seconds <= 0 or args.interval < 0:
+        parser.error("--clients and --examples at least 1, --seconds > 0, --interval >= 0")
+    work_dir = Path(tempfile.mkdtemp(prefix="kma-bench-"))
+    try:
+        result = run(args, work_dir)
+    except Exception:
+        log = work_dir / "api.log"
+        if log.exists():
+            print(f"--- {log} (tail) ---", file=sys.stderr)
+            print(log.read_text(errors="replace")[-4000:], file=sys.stderr)
+        raise
+    finally:
+        if args.keep:
+            print(f"kept {work_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    print(table(result))
+    print(json.dumps(asdict(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
