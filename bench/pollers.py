@@ -52,6 +52,7 @@ from app.embedded import start_redis, stop_redis  # noqa: E402
 from app.jobs import lifecycle  # noqa: E402
 from app.models import Chunk, ChunkStatus, Job, utcnow  # noqa: E402
 from app.queue import WORK, WORK_QUEUE  # noqa: E402
+from app.workspaces.service import create_key  # noqa: E402
 from bench.upload_export import api_process, database, machine, redis_answers, upload  # noqa: E402
 
 LOCAL_REDIS = "redis://127.0.0.1:6379/7"
@@ -133,11 +134,30 @@ class Tally:
     statuses: Counter[str] = field(default_factory=Counter)
 
 
-def make_client(base_url: str, timeout: float) -> httpx.AsyncClient:
-    """A client with one connection. Plain HTTP: no certificates to load (tens of ms each,
-    which 200 clients made as they started would add to their first requests)."""
+def make_client(base_url: str, key: str, timeout: float) -> httpx.AsyncClient:
+    """A client with one connection and a key of its own, as pipelines each have. Plain HTTP:
+    no certificates to load (tens of ms each, which 200 clients made as they started would add
+    to their first requests)."""
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    return httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout, verify=False)
+    return httpx.AsyncClient(
+        base_url=base_url,
+        limits=limits,
+        timeout=timeout,
+        verify=False,
+        headers={"Authorization": f"Bearer {key}"},
+    )
+
+
+def api_keys(database_url: str, count: int) -> list[str]:
+    """`count` keys of the default workspace."""
+    engine = make_engine(database_url)
+    try:
+        with Session(engine) as session:
+            keys = [create_key(session, f"poller {i}")[1] for i in range(count)]
+            session.commit()
+            return keys
+    finally:
+        engine.dispose()
 
 
 async def poll(
@@ -167,9 +187,9 @@ async def poll(
 
 
 async def poll_all(
-    base_url: str, path: str, clients: int, interval: float, seconds: float, timeout: float
+    base_url: str, path: str, keys: list[str], interval: float, seconds: float, timeout: float
 ) -> tuple[Tally, float]:
-    made = [make_client(base_url, timeout) for _ in range(clients)]
+    made = [make_client(base_url, key, timeout) for key in keys]
     started = time.perf_counter()
     until = started + seconds
     tallies = await asyncio.gather(
@@ -225,7 +245,10 @@ def run(args: argparse.Namespace, work_dir: Path) -> Result:
                 ["--workers", str(args.api_workers)],
             )
         )
-        with httpx.Client(base_url=base_url, timeout=60) as client:
+        keys = api_keys(database_url, args.clients)
+        with httpx.Client(
+            base_url=base_url, timeout=60, headers={"Authorization": f"Bearer {keys[0]}"}
+        ) as client:
             dataset_id, _ = upload(client, path, args.examples)
             job_id = running_job(client, database_url, broker_url, dataset_id)
             job = client.get(f"/v1/jobs/{job_id}").json()
@@ -241,7 +264,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> Result:
             poll_all(
                 base_url,
                 f"/v1/jobs/{job_id}",
-                args.clients,
+                keys,
                 args.interval,
                 args.seconds,
                 args.timeout,
