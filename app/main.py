@@ -20,6 +20,7 @@ from app.errors import HTTPError
 from app.jobs.router import router as jobs_router
 from app.logs import job_logging
 from app.metrics import router as metrics_router
+from app.students.router import router as students_router
 
 DESCRIPTION = """
 Audit a teacher-written QA dataset against a student model before distilling into it.
@@ -90,6 +91,7 @@ def create_app() -> FastAPI:
         openapi_tags=[
             {"name": "datasets", "description": "Teacher datasets, uploaded as JSONL."},
             {"name": "jobs", "description": "Audits of a dataset against a student model."},
+            {"name": "students", "description": "The student models jobs may name."},
             {"name": "health", "description": "Liveness and readiness probes."},
         ],
     )
@@ -97,6 +99,7 @@ def create_app() -> FastAPI:
     app.add_exception_handler(DatasetError, invalid_dataset)
     app.include_router(datasets_router, prefix="/v1")
     app.include_router(jobs_router, prefix="/v1")
+    app.include_router(students_router, prefix="/v1")
     app.include_router(health)
     app.include_router(metrics_router)
     app.add_middleware(JobLogging)

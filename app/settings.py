@@ -5,8 +5,10 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.students.schemas import Registry, read_registry_file
 
 
 class Settings(BaseSettings):
@@ -55,15 +57,28 @@ class Settings(BaseSettings):
     webhook_backoff_seconds: float = Field(
         2.0, gt=0, description="First wait between deliveries; it doubles each time, to 300 s."
     )
-    openai_base_url: str | None = Field(
-        None,
-        description="The OpenAI-compatible server (e.g. http://host:8000/v1) of the openai "
-        "engine, for jobs that name none.",
-    )
-    openai_api_key: str | None = Field(
-        None, description="Bearer token for the openai engine's server; unset: none sent."
-    )
     max_upload_errors: int = Field(50, ge=1, description="Invalid lines listed in a 422.")
+    students: Registry = Field(
+        default_factory=dict,
+        description="The students jobs may name, as JSON: {name: {engine, model, revision?, "
+        "base_url?, api_key_env?}}. With those of students_file, the whole registry.",
+    )
+    students_file: Path | None = Field(
+        None, description="A JSON file declaring more students, in the shape of `students`."
+    )
+
+    @model_validator(mode="after")
+    def _read_students_file(self) -> Settings:
+        if self.students_file is None:
+            return self
+        declared = read_registry_file(self.students_file)
+        twice = sorted(set(declared) & set(self.students))
+        if twice:
+            raise ValueError(
+                f"declared both in KMA_STUDENTS and in {self.students_file}: {', '.join(twice)}"
+            )
+        self.students = {**self.students, **declared}
+        return self
 
 
 @lru_cache

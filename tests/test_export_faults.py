@@ -47,7 +47,7 @@ def finished_job(postgres_admin_url: str) -> Iterator[tuple[str, str]]:
                 id=uuid.uuid4(),
                 dataset_id=dataset.id,
                 status=JobStatus.SUCCEEDED,
-                student={"model": "tiny"},
+                student={"name": "tiny", "engine": "hf", "model": "tiny"},
                 config=AuditConfig().model_dump(mode="json"),
                 total=EXAMPLES,
                 finished_at=utcnow(),

@@ -38,7 +38,12 @@ def test_metrics(client: TestClient, session: Session) -> None:
     dataset = Dataset(name="d", format="qa", num_examples=3)
     session.add(dataset)
     session.flush()
-    job = Job(dataset_id=dataset.id, student={"model": "m"}, config={}, total=3)
+    job = Job(
+        dataset_id=dataset.id,
+        student={"name": "m", "engine": "hf", "model": "m"},
+        config={},
+        total=3,
+    )
     job.status = JobStatus.RUNNING
     session.add(job)
     session.flush()

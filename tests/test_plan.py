@@ -182,7 +182,12 @@ def test_chunks_cover_the_job_in_order(session: Session, total: int, size: int) 
     dataset = Dataset(name="d", format="qa", num_examples=total)
     session.add(dataset)
     session.flush()
-    job = Job(dataset_id=dataset.id, student={"model": "m"}, config={}, total=total)
+    job = Job(
+        dataset_id=dataset.id,
+        student={"name": "m", "engine": "hf", "model": "m"},
+        config={},
+        total=total,
+    )
     session.add(job)
     session.flush()
 

@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 
 from app.audit.domain import ExportPolicy
 from app.audit.schemas import Category, Report
-from app.deps import QueueDep, SessionDep
+from app.deps import QueueDep, SessionDep, SettingsDep
 from app.errors import NOT_FOUND, ErrorRead, Responses
 from app.jobs import service
 from app.jobs.schemas import ConflictPage, ExamplePage, JobCreate, JobPage, JobRead
@@ -43,6 +43,7 @@ def conflict(description: str) -> Responses:
 def create_job(
     session: SessionDep,
     queue: QueueDep,
+    settings: SettingsDep,
     job_create: JobCreate,
     idempotency_key: Annotated[
         str | None,
@@ -55,10 +56,11 @@ def create_job(
 ) -> JobRead:
     """Queue an audit of the dataset against the student; poll the job it answers.
 
-    Every option is checked now: an invalid one answers 422 naming its field. A stored job
-    always starts, even when the broker is down as it is submitted: workers find it then.
+    `student` names a registered student (`GET /v1/students`); any other answers 422. Every
+    option is checked now: an invalid one answers 422 naming its field. A stored job always
+    starts, even when the broker is down as it is submitted: workers find it then.
     """
-    job, created = service.create_job(session, job_create, idempotency_key)
+    job, created = service.create_job(session, job_create, settings.students, idempotency_key)
     session.commit()
     if created:
         wake_workers(queue)

@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.audit.domain import ExportPolicy, conflict_item, export_record, summarize_tallies
-from app.audit.schemas import Audit, AuditConfig, Category, ConflictRead, Report, Student
+from app.audit.schemas import Audit, AuditConfig, Category, ConflictRead, Report
 from app.datasets import service as datasets_service
 from app.datasets.domain import parse_record
 from app.errors import Conflict, NotFound, Unprocessable
@@ -33,6 +33,8 @@ from app.jobs.schemas import (
 )
 from app.models import Example as ExampleRow
 from app.models import Job, JobStatus, Verdict, utcnow
+from app.students import service as students_service
+from app.students.schemas import Registry, Student
 
 log = logging.getLogger(__name__)
 
@@ -114,18 +116,24 @@ def _read(session: Session, job: Job) -> JobRead:
 
 
 def create_job(
-    session: Session, job_create: JobCreate, idempotency_key: str | None = None
+    session: Session,
+    job_create: JobCreate,
+    students: Registry,
+    idempotency_key: str | None = None,
 ) -> tuple[JobRead, bool]:
     """A queued job over the whole dataset, and whether it is new; the caller commits, then
     tells the workers.
 
-    A submission retried with the same `idempotency_key` gives the job the first one made.
+    The student must be in the registry `students`; the job stores what its name loads, without
+    server or key. A submission retried with the same `idempotency_key` gives the job the first
+    one made.
     """
+    student = students_service.find_student(students, job_create.student)
     dataset = datasets_service.get_dataset(session, job_create.dataset_id)
     job = Job(
         dataset_id=dataset.id,
         status=JobStatus.QUEUED,
-        student=job_create.student.model_dump(mode="json"),
+        student=student.spec(job_create.student),
         config=job_create.config.model_dump(mode="json"),
         webhook_url=str(job_create.webhook_url) if job_create.webhook_url else None,
         total=dataset.num_examples,
