@@ -28,6 +28,7 @@ from app.jobs.router import router as jobs_router
 from app.logs import job_logging
 from app.metrics import router as metrics_router
 from app.settings import Settings, get_settings
+from app.students.router import router as students_router
 from app.workspaces.router import router as workspace_router
 
 DESCRIPTION = """
@@ -139,6 +140,7 @@ def create_app() -> FastAPI:
         openapi_tags=[
             {"name": "datasets", "description": "Teacher datasets, uploaded as JSONL."},
             {"name": "jobs", "description": "Audits of a dataset against a student model."},
+            {"name": "students", "description": "The student models jobs may name."},
             {"name": "workspace", "description": "The workspace of the request's API key."},
             {"name": "health", "description": "Liveness, readiness and metrics; no key needed."},
         ],
@@ -158,6 +160,7 @@ def create_app() -> FastAPI:
     app.include_router(datasets_router, prefix="/v1")
     app.include_router(jobs_router, prefix="/v1")
     app.include_router(workspace_router, prefix="/v1")
+    app.include_router(students_router, prefix="/v1")
     app.include_router(health)
     app.include_router(metrics_router)
     app.add_middleware(

@@ -5,10 +5,11 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, IPvAnyNetwork
+from pydantic import Field, IPvAnyNetwork, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.datasets.domain import MAX_EXAMPLES, MAX_JSON_DEPTH, MAX_LINE_BYTES
+from app.students.schemas import Registry, read_registry_file
 
 
 class Settings(BaseSettings):
@@ -87,14 +88,6 @@ class Settings(BaseSettings):
         description="Networks (CIDRs, a JSON list) a webhook may reach although they are not "
         'public, e.g. ["10.20.0.0/16"]; by default webhooks go to public addresses only.',
     )
-    openai_base_url: str | None = Field(
-        None,
-        description="The OpenAI-compatible server (e.g. http://host:8000/v1) of the openai "
-        "engine, for jobs that name none.",
-    )
-    openai_api_key: str | None = Field(
-        None, description="Bearer token for the openai engine's server; unset: none sent."
-    )
     max_generations_per_job: int = Field(
         50_000_000,
         ge=1,
@@ -123,6 +116,27 @@ class Settings(BaseSettings):
         le=500,  # Python's json parser gives up near 1,000
         description="How deep objects and lists may nest in a record (422).",
     )
+    students: Registry = Field(
+        default_factory=dict,
+        description="The students jobs may name, as JSON: {name: {engine, model, revision?, "
+        "base_url?, api_key_env?}}. With those of students_file, the whole registry.",
+    )
+    students_file: Path | None = Field(
+        None, description="A JSON file declaring more students, in the shape of `students`."
+    )
+
+    @model_validator(mode="after")
+    def _read_students_file(self) -> Settings:
+        if self.students_file is None:
+            return self
+        declared = read_registry_file(self.students_file)
+        twice = sorted(set(declared) & set(self.students))
+        if twice:
+            raise ValueError(
+                f"declared both in KMA_STUDENTS and in {self.students_file}: {', '.join(twice)}"
+            )
+        self.students = {**self.students, **declared}
+        return self
 
 
 @lru_cache

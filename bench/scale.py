@@ -51,6 +51,7 @@ from app.models import Job  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from bench.upload_export import (  # noqa: E402
     MB,
+    STUDENT,
     MemorySampler,
     api_key,
     api_process,
@@ -144,7 +145,7 @@ def submit(client: httpx.Client, dataset_id: str, config: AuditConfig) -> str:
         "/v1/jobs",
         json={
             "dataset_id": dataset_id,
-            "student": {"model": "instant-student"},
+            "student": STUDENT,
             "config": config.model_dump(mode="json"),
         },
     )

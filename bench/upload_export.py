@@ -48,6 +48,8 @@ from kma.cli.processes import free_port, stop_process, wait_until_ready  # noqa:
 SOURCE = REPO.parent / "shared" / "data" / "entityquestions"
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 LOCAL_REDIS = "redis://127.0.0.1:6379/14"
+STUDENT = "bench-student"
+"""The student `kma api` registers here: jobs name it; the benchmarks' workers never load it."""
 MB = 1_000_000
 POLL_SECONDS = 0.1
 READY_TIMEOUT = 120.0
@@ -205,6 +207,7 @@ def api_process(
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "KMA_DATABASE_URL": database_url, "KMA_BROKER_URL": broker_url}
+    env["KMA_STUDENTS"] = json.dumps({STUDENT: {"engine": "hf", "model": STUDENT}})
     command = [sys.executable, "-m", "kma.cli", "api", "--host", "127.0.0.1", "--port"]
     with log_path.open("wb") as log:
         server = subprocess.Popen(
@@ -265,9 +268,7 @@ def upload(client: httpx.Client, path: Path, lines: int) -> tuple[str, float]:
 
 def cancelled_job(client: httpx.Client, dataset_id: str) -> str:
     """A job over the dataset, cancelled at once: exportable, every row without a verdict."""
-    response = client.post(
-        "/v1/jobs", json={"dataset_id": dataset_id, "student": {"model": "none"}}
-    )
+    response = client.post("/v1/jobs", json={"dataset_id": dataset_id, "student": STUDENT})
     if response.status_code != 202:
         raise RuntimeError(f"job submission answered {response.status_code}: {response.text}")
     job_id = str(response.json()["id"])

@@ -3,7 +3,7 @@
 from kma.client import Client
 client = Client("http://127.0.0.1:8000", api_key="kma_...")  # default: KMA_API_KEY
 dataset = client.upload_dataset("teacher.jsonl")
-job = client.create_job(dataset["id"], student={"model": "my/student"})
+job = client.create_job(dataset["id"], student="my-student")  # a registered name
 job = client.wait(job["id"])
 client.download(job["id"], "filtered.jsonl")
 """
@@ -102,7 +102,7 @@ class Client:
     def create_job(
         self,
         dataset_id: str,
-        student: dict[str, Any],
+        student: str,
         config: dict[str, Any] | None = None,
         webhook_url: str | None = None,
     ) -> dict[str, Any]:
@@ -112,6 +112,11 @@ class Client:
         if webhook_url:
             body["webhook_url"] = webhook_url
         result: dict[str, Any] = self._json(self.http.post("/v1/jobs", json=body))
+        return result
+
+    def students(self) -> list[dict[str, Any]]:
+        """The registered students a job may name: name, engine, model, revision."""
+        result: list[dict[str, Any]] = self._json(self.http.get("/v1/students"))["items"]
         return result
 
     def get_job(self, job_id: str) -> dict[str, Any]:

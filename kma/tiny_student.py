@@ -360,6 +360,11 @@ def _is_complete(path: Path) -> bool:
     return (path / _MARKER).is_file() and all((path / f).is_file() for f in _REQUIRED_FILES)
 
 
+def student_dir_in(data_dir: Path) -> Path:
+    """Where the student is kept under a kma data folder (`KMA_DATA_DIR`)."""
+    return data_dir / "models" / STUDENT_NAME
+
+
 def ensure_student(cache_dir: Path | None = None) -> Path:
     """Directory of the cached student (seed 0), building it first if missing.
 
@@ -368,7 +373,7 @@ def ensure_student(cache_dir: Path | None = None) -> Path:
     """
     if cache_dir is None:
         data_dir = Path(os.environ.get("KMA_DATA_DIR") or "~/.kma").expanduser()
-        cache_dir = data_dir / "models" / STUDENT_NAME
+        cache_dir = student_dir_in(data_dir)
     cache_dir = Path(cache_dir)
     if _is_complete(cache_dir):
         return cache_dir

@@ -39,6 +39,17 @@ RECORDS = [
     {"id": "e", "question": "When was Ysk built?", "answer": "1820"},
 ]
 IDK = "No idea."
+STUDENTS: Any = {
+    "tiny": {"engine": "auto", "model": "/models/tiny"},
+    "fleet": {
+        "engine": "openai",
+        "model": "qwen",
+        "revision": "v2",
+        "base_url": "http://10.0.0.7:8000/v1",
+        "api_key_env": "FLEET_KEY",
+    },
+}
+TINY = {"name": "tiny", "engine": "auto", "model": "/models/tiny", "revision": None}
 
 
 class Recorder:
@@ -62,7 +73,8 @@ def events() -> list[Any]:
 @pytest.fixture
 def client(api: FastAPI, api_key: str, events: list[Any], broker_url: str) -> Iterator[TestClient]:
     api.dependency_overrides[get_queue] = lambda: Recorder(events)
-    api.dependency_overrides[get_settings] = lambda: Settings(broker_url=broker_url)
+    settings = Settings(broker_url=broker_url, students=STUDENTS)
+    api.dependency_overrides[get_settings] = lambda: settings
     with TestClient(api, headers=bearer(api_key)) as client:
         yield client
 
@@ -78,7 +90,7 @@ def dataset_id(client: TestClient) -> str:
 def submit(client: TestClient, dataset_id: str, **body: Any) -> dict[str, Any]:
     response = client.post(
         "/v1/jobs",
-        json={"dataset_id": dataset_id, "student": {"model": "tiny"}, **body},
+        json={"dataset_id": dataset_id, "student": "tiny", **body},
     )
     assert response.status_code == 202, response.text
     return dict(response.json())
@@ -176,7 +188,7 @@ def test_submit_commits_then_wakes_the_workers(
     job = submit(client, dataset_id, webhook_url="https://hooks.example.com/kma")
     assert events == ["commit", (WORK,)]
     assert job["status"] == "queued"
-    assert job["student"] == {"model": "tiny", "engine": "auto", "revision": None, "base_url": None}
+    assert job["student"] == TINY
     assert job["config"]["samples"] == 16
     assert job["config"]["flag_categories"] == ["Unknown"]
     assert job["webhook_url"] == "https://hooks.example.com/kma"
@@ -191,6 +203,56 @@ def test_submit_commits_then_wakes_the_workers(
     assert job["links"]["export"] == f"/v1/jobs/{job['id']}/export"
     row = session.get_one(Job, uuid.UUID(job["id"]))
     assert (row.status, row.total, row.config["samples"]) == (JobStatus.QUEUED, 5, 16)
+    assert row.student == {**TINY, "api_key_set": False}
+
+
+def test_a_job_shows_and_stores_no_server_and_no_key(
+    client: TestClient, session: Session, dataset_id: str
+) -> None:
+    job = submit(client, dataset_id, student="fleet")
+    assert job["student"] == {
+        "name": "fleet",
+        "engine": "openai",
+        "model": "qwen",
+        "revision": "v2",
+    }
+    row = session.get_one(Job, uuid.UUID(job["id"]))
+    assert row.student == {**job["student"], "api_key_set": True}
+
+
+def test_the_registered_students_are_listed(client: TestClient) -> None:
+    response = client.get("/v1/students")
+    assert response.status_code == 200
+    assert response.json() == {
+        "items": [
+            {"name": "fleet", "engine": "openai", "model": "qwen", "revision": "v2"},
+            TINY,
+        ]
+    }
+
+
+@pytest.mark.parametrize("name", ["qwen", "/etc/passwd", "../tiny"])
+def test_a_student_that_is_not_registered_is_refused(
+    client: TestClient, session: Session, dataset_id: str, events: list[Any], name: str
+) -> None:
+    response = client.post("/v1/jobs", json={"dataset_id": dataset_id, "student": name})
+    assert response.status_code == 422
+    detail = json.dumps(response.json()["detail"])
+    assert "student" in detail
+    assert "10.0.0.7" not in detail and "FLEET_KEY" not in detail and "/models" not in detail
+    assert session.scalars(select(Job)).all() == []
+    assert events == []
+
+
+def test_an_unknown_student_is_refused_before_the_dataset_is_looked_up(
+    client: TestClient,
+) -> None:
+    body = {"dataset_id": str(uuid.uuid4()), "student": "qwen"}
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "student"]
+    assert error["msg"] == "student 'qwen' is not registered (registered students: fleet, tiny)"
 
 
 @pytest.mark.parametrize(
@@ -215,16 +277,15 @@ def test_submit_commits_then_wakes_the_workers(
             {"config": {"prompt": {"exemplar": "Q: {question}\nA: {answer}" + " " * 4000}}},
             ["body", "config", "prompt", "exemplar"],
         ),
-        ({"student": {"model": "tiny", "engine": "tpu"}}, ["body", "student", "engine"]),
+        ({"student": {"model": "tiny", "engine": "hf"}}, ["body", "student"]),
+        ({"student": "tiny", "base_url": "http://attacker:8000/v1"}, ["body", "base_url"]),
         ({"webhook_url": "ftp://example.com"}, ["body", "webhook_url"]),
     ],
 )
 def test_submit_refuses_bad_options(
     client: TestClient, dataset_id: str, events: list[Any], body: dict[str, Any], field: list[str]
 ) -> None:
-    response = client.post(
-        "/v1/jobs", json={"dataset_id": dataset_id, "student": {"model": "tiny"}, **body}
-    )
+    response = client.post("/v1/jobs", json={"dataset_id": dataset_id, "student": "tiny", **body})
     assert response.status_code == 422
     assert [e["loc"] for e in response.json()["detail"]] == [field]
     assert events == []
@@ -234,13 +295,13 @@ def test_submit_refuses_a_job_over_the_generation_limit(
     client: TestClient, api: FastAPI, broker_url: str, dataset_id: str, events: list[Any]
 ) -> None:
     api.dependency_overrides[get_settings] = lambda: Settings(
-        broker_url=broker_url, max_generations_per_job=5 * 10 * 17
+        broker_url=broker_url, students=STUDENTS, max_generations_per_job=5 * 10 * 17
     )
     submit(client, dataset_id)  # 5 examples x 10 exemplar sets x (1 + 16): exactly the limit
     events.clear()
     response = client.post(
         "/v1/jobs",
-        json={"dataset_id": dataset_id, "student": {"model": "tiny"}, "config": {"samples": 17}},
+        json={"dataset_id": dataset_id, "student": "tiny", "config": {"samples": 17}},
     )
     assert response.status_code == 422
     (error,) = response.json()["detail"]
@@ -280,7 +341,7 @@ def test_submit_refuses_a_webhook_to_a_non_public_address(
     monkeypatch.setattr(socket, "getaddrinfo", offline)
     response = client.post(
         "/v1/jobs",
-        json={"dataset_id": dataset_id, "student": {"model": "tiny"}, "webhook_url": url},
+        json={"dataset_id": dataset_id, "student": "tiny", "webhook_url": url},
     )
     assert response.status_code == 422
     (error,) = response.json()["detail"]
@@ -293,7 +354,7 @@ def test_an_allowed_network_lets_a_webhook_through(
     client: TestClient, api: FastAPI, broker_url: str, dataset_id: str
 ) -> None:
     api.dependency_overrides[get_settings] = lambda: Settings(
-        broker_url=broker_url, webhook_allow_networks=["127.0.0.0/8"]
+        broker_url=broker_url, students=STUDENTS, webhook_allow_networks=["127.0.0.0/8"]
     )
     job = submit(client, dataset_id, webhook_url="http://127.0.0.1:9/hook")
     assert job["webhook_url"] == "http://127.0.0.1:9/hook"
@@ -310,7 +371,7 @@ def test_a_refusal_matches_the_documented_422(client: TestClient, dataset_id: st
         "/v1/jobs",
         json={
             "dataset_id": dataset_id,
-            "student": {"model": "tiny"},
+            "student": "tiny",
             "webhook_url": "http://[::1]/",
         },
     )
@@ -319,9 +380,7 @@ def test_a_refusal_matches_the_documented_422(client: TestClient, dataset_id: st
 
 
 def test_submit_to_an_unknown_dataset(client: TestClient, events: list[Any]) -> None:
-    response = client.post(
-        "/v1/jobs", json={"dataset_id": str(uuid.uuid4()), "student": {"model": "tiny"}}
-    )
+    response = client.post("/v1/jobs", json={"dataset_id": str(uuid.uuid4()), "student": "tiny"})
     assert response.status_code == 404
     assert "dataset" in response.json()["detail"]
     assert events == []
@@ -648,7 +707,7 @@ def test_report_of_a_cancelled_job_is_partial(client: TestClient, audited: str) 
         "generations_cached": 1,
         "generations_used": 40,
         "mode": "adaptive",
-        "student": {"model": "tiny", "engine": "auto", "revision": None, "base_url": None},
+        "student": TINY,
     }
     page = client.get(f"/v1/jobs/{audited}/report.html")
     assert page.status_code == 200
@@ -789,7 +848,7 @@ def test_a_job_submitted_while_the_broker_is_down_is_accepted(
             raise QueueUnavailable("connection refused")
 
     client.app.dependency_overrides[get_queue] = lambda: Down()  # type: ignore[attr-defined]
-    response = client.post("/v1/jobs", json={"dataset_id": dataset_id, "student": {"model": "m"}})
+    response = client.post("/v1/jobs", json={"dataset_id": dataset_id, "student": "tiny"})
     assert response.status_code == 202
     assert response.json()["status"] == "queued"
     stored = session.scalars(select(Job).where(Job.dataset_id == uuid.UUID(dataset_id))).all()
@@ -799,7 +858,7 @@ def test_a_job_submitted_while_the_broker_is_down_is_accepted(
 def test_a_retried_submission_with_an_idempotency_key_gives_the_same_job(
     client: TestClient, session: Session, dataset_id: str, events: list[Any]
 ) -> None:
-    body = {"dataset_id": dataset_id, "student": {"model": "m"}, "config": {"samples": 4}}
+    body = {"dataset_id": dataset_id, "student": "tiny", "config": {"samples": 4}}
     headers = {"Idempotency-Key": "pipeline-run-42"}
     first = client.post("/v1/jobs", json=body, headers=headers)
     again = client.post("/v1/jobs", json=body, headers=headers)

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from app.audit.domain import build_prompts, clean_answer, draw_exemplar_sets
-from app.audit.schemas import AuditConfig, Report, Student
+from app.audit.schemas import AuditConfig, Report
+from app.students.schemas import Student
 from kma.tiny_student import Fact, write_dataset
 from workers.engines.base import Engine, GenerationRequest, GenerationResult
 from workers.local_audit import audit_file, read_dataset
@@ -128,7 +129,7 @@ def test_kma_audit_command_on_hf(
     assert "auditing: 100%" in result.stderr  # the progress bar
     assert "Unknown" in result.stderr  # the category table
     report = check_audit(out, facts)
-    assert report.student == Student(model=str(student_dir), engine="hf")
+    assert report.student == Student(name=str(student_dir), model=str(student_dir), engine="hf")
     assert sorted(p.name for p in out.iterdir()) == [
         "annotated.jsonl",
         "conflicts.jsonl",

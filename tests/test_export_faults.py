@@ -53,7 +53,7 @@ def finished_job(postgres_admin_url: str) -> Iterator[tuple[str, str]]:
                 workspace_id=dataset.workspace_id,
                 dataset_id=dataset.id,
                 status=JobStatus.SUCCEEDED,
-                student={"model": "tiny"},
+                student={"name": "tiny", "engine": "hf", "model": "tiny"},
                 config=AuditConfig().model_dump(mode="json"),
                 total=EXAMPLES,
                 finished_at=utcnow(),

@@ -46,7 +46,7 @@ class Stack:
     database_url: str
     env: dict[str, str]
     url: str
-    student: dict[str, str]
+    student: str
     dataset_id: str
     key: str = ""
     api: subprocess.Popen[bytes] | None = None
@@ -91,6 +91,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, student_dir: Path) -> Iterat
         KMA_CHUNK_SIZE="4",
         KMA_DATA_DIR=str(root),
         OMP_NUM_THREADS="1",  # two workers share two cores
+        KMA_STUDENTS=json.dumps({"tiny": {"engine": "hf", "model": str(student_dir)}}),
     )
     port = free_port()
     dataset = root / "teacher.jsonl"
@@ -102,7 +103,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, student_dir: Path) -> Iterat
         database_url=database_url,
         env=env,
         url=f"http://127.0.0.1:{port}",
-        student={"model": str(student_dir), "engine": "hf"},
+        student="tiny",
         dataset_id="",
     )
     stack.key = make_key(database_url)

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.audit.schemas import AuditConfig, Category, Report, Student, SuggestedAction
+from app.audit.schemas import AuditConfig, Category, Report, SuggestedAction
 from app.datasets.domain import (
     RECORD_FORMATS,
     DatasetError,
@@ -31,8 +31,17 @@ from app.models import Dataset, Job, JobStatus, utcnow
 from app.models import Example as ExampleRow
 from app.queue import get_queue
 from app.settings import Settings, get_settings
+from app.students.schemas import Student
 from tests.conftest import bearer, new_workspace
-from tests.test_api_jobs import IDK, Recorder, add_verdicts, audit, set_status, submit
+from tests.test_api_jobs import (
+    IDK,
+    STUDENTS,
+    Recorder,
+    add_verdicts,
+    audit,
+    set_status,
+    submit,
+)
 from tests.test_jobs import knows_even_numbers, make_worker, run_all
 from workers.engines.base import GenerationRequest, GenerationResult
 from workers.engines.fake import FakeEngine
@@ -393,7 +402,8 @@ AUDITS = [
 @pytest.fixture
 def client(api: FastAPI, api_key: str, broker_url: str) -> Iterator[TestClient]:
     api.dependency_overrides[get_queue] = lambda: Recorder([])
-    api.dependency_overrides[get_settings] = lambda: Settings(broker_url=broker_url)
+    settings = Settings(broker_url=broker_url, students=STUDENTS)
+    api.dependency_overrides[get_settings] = lambda: settings
     with TestClient(api, headers=bearer(api_key)) as client:
         yield client
 
@@ -560,7 +570,7 @@ def test_a_job_over_a_messages_dataset_runs(sessions: sessionmaker[Session]) -> 
         job = Job(
             workspace_id=workspace_id,
             dataset_id=dataset.id,
-            student={"model": "fake", "engine": "hf"},
+            student={"name": "fake", "engine": "hf", "model": "fake"},
             config=AuditConfig().model_dump(mode="json"),
             total=6,
         )
@@ -590,7 +600,7 @@ def test_kma_audit_writes_back_in_the_files_format(tmp_path: Path) -> None:
     path.write_bytes(jsonl(*dataset_of("sharegpt")))
     records = read_dataset(path)
     assert {r.format for r in records} == {"sharegpt"}
-    student = Student(model="fake", engine="hf")
+    student = Student(name="fake", model="fake", engine="hf")
     out = tmp_path / "out"
     report = audit_file(records, FakeEngine(always(" Vark")), AuditConfig(), out, student=student)
     filtered = (out / "filtered.jsonl").read_text().splitlines()

@@ -97,7 +97,7 @@ def make_job(sessions: sessionmaker[Session], n: int, **config: Any) -> uuid.UUI
         job = Job(
             workspace_id=workspace_id,
             dataset_id=dataset.id,
-            student={"model": "fake", "engine": "hf"},
+            student={"name": "fake", "engine": "hf", "model": "fake"},
             config=AuditConfig(**config).model_dump(mode="json"),
             total=n,
         )
@@ -301,8 +301,24 @@ def test_a_student_that_cannot_load_fails_the_job_with_a_clear_error(
     run_all(make_worker(sessions, broken))
     job = get_job(sessions, job_id)
     assert job.status == JobStatus.FAILED
-    assert job.error == "the student model 'fake' could not be loaded by the hf engine"
+    assert job.error == "the student 'fake' could not be loaded by the hf engine"
     assert job.finished_at is not None
+
+
+def test_a_student_the_worker_does_not_register_fails_the_job(
+    sessions: sessionmaker[Session],
+) -> None:
+    job_id = make_job(sessions, 4)
+
+    def unregistered(student: dict[str, Any]) -> FakeEngine:
+        raise jobs.PermanentError(
+            f"the student {student['name']!r} is not registered on the worker"
+        )
+
+    run_all(make_worker(sessions, unregistered))
+    job = get_job(sessions, job_id)
+    assert job.status == JobStatus.FAILED
+    assert job.error == "the student 'fake' is not registered on the worker"
 
 
 def test_an_engine_server_that_refuses_fails_the_job_without_its_answer(

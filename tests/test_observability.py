@@ -43,7 +43,7 @@ def test_metrics(client: TestClient, session: Session) -> None:
     job = Job(
         workspace_id=workspace_id,
         dataset_id=dataset.id,
-        student={"model": "m"},
+        student={"name": "m", "engine": "hf", "model": "m"},
         config={},
         total=3,
     )

@@ -195,7 +195,7 @@ def test_chunks_cover_the_job_in_order(session: Session, total: int, size: int) 
     job = Job(
         workspace_id=workspace_id,
         dataset_id=dataset.id,
-        student={"model": "m"},
+        student={"name": "m", "engine": "hf", "model": "m"},
         config={},
         total=total,
     )

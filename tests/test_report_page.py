@@ -28,7 +28,6 @@ from app.audit.schemas import (
     GroupCounts,
     Report,
     ReportCounts,
-    Student,
     SuggestedAction,
 )
 from app.datasets.domain import Example, parse_record
@@ -36,6 +35,7 @@ from app.jobs import service
 from app.models import Dataset, Job, JobStatus, Workspace, utcnow
 from app.models import Example as ExampleRow
 from app.models import Verdict as VerdictRow
+from app.students.schemas import Student
 from app.workspaces.domain import page_link_token
 from tests.conftest import TEST_WORKSPACE, bearer, new_workspace
 
@@ -108,7 +108,7 @@ def insert_audited_job(session: Session) -> uuid.UUID:
         workspace_id=workspace_id,
         dataset_id=dataset.id,
         status=JobStatus.SUCCEEDED,
-        student={"model": "tiny-student", "engine": "hf", "revision": None},
+        student={"name": "tiny-student", "engine": "hf", "model": "tiny-student"},
         config=config.model_dump(mode="json"),
         total=len(AUDITED),
         report=Report(
@@ -118,7 +118,7 @@ def insert_audited_job(session: Session) -> uuid.UUID:
             generations=420,
             generations_cached=12,
             mode=config.mode,
-            student=Student(model="tiny-student", engine="hf"),
+            student=Student(name="tiny-student", model="tiny-student", engine="hf"),
             config=config,
             seconds=75.0,
         ).model_dump(mode="json"),
@@ -198,7 +198,7 @@ def test_the_report_counted_in_sql_is_summarize(session: Session) -> None:
     assert ReportCounts.model_validate(report.model_dump()) == summarize(examples, verdicts)
     assert not report.partial
     assert report.total == len(AUDITED)
-    assert report.student == Student(model="tiny-student", engine="hf")
+    assert report.student == Student(name="tiny-student", model="tiny-student", engine="hf")
     assert report.config == AuditConfig(idk_text=IDK)
 
 

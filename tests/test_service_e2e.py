@@ -71,16 +71,22 @@ def read_export(client: Client, job_id: str, policy: str, tmp: Path) -> list[dic
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`kma serve` with no configuration: embedded PostgreSQL and Redis under KMA_DATA_DIR.
+def served(tmp_path_factory: pytest.TempPathFactory, student_dir: Path) -> Iterator[str]:
+    """`kma serve` with no configuration but its students: embedded PostgreSQL and Redis under
+    KMA_DATA_DIR; the tiny student as `tiny`, and `broken`, whose model is not there.
 
     Its first start saves a key in the data folder; this module's clients and commands use it
     through KMA_API_KEY, as a user's shell would.
     """
     data_dir = tmp_path_factory.mktemp("kma-data")
     port = free_port()
+    students = {
+        "tiny": {"engine": "hf", "model": str(student_dir)},
+        "broken": {"engine": "hf", "model": str(data_dir / "no-model")},
+    }
     env = clean_env(
         KMA_DATA_DIR=str(data_dir),
+        KMA_STUDENTS=json.dumps(students),
         KMA_WEBHOOK_BACKOFF_SECONDS="0.5",
         KMA_WEBHOOK_ALLOW_NETWORKS='["127.0.0.0/8"]',  # the test's receiver is local
     )
@@ -107,12 +113,15 @@ def test_serve_audits_over_http(
     facts = write_dataset(path, n_trained=30, n_unseen=20)
     dataset = client.upload_dataset(path)
     assert dataset["num_examples"] == 50
-    student = {"model": str(student_dir), "engine": "hf"}
+    student = "tiny"
     hook_url, deliveries = receiver
     job = client.create_job(dataset["id"], student, webhook_url=hook_url)
     job = client.wait(job["id"], timeout=600)
     assert job["status"] == "succeeded", job
     assert job["progress"]["done"] == 50
+    assert job["student"] == {
+        "name": "tiny", "engine": "hf", "model": str(student_dir), "revision": None
+    }  # fmt: skip
 
     deadline = time.monotonic() + 30
     while len(deliveries) < 2:  # the first delivery was answered 500: kma tries again
@@ -173,11 +182,11 @@ def kma(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_the_command_line_client(served: str, student_dir: Path, tmp_path: Path) -> None:
+def test_the_command_line_client(served: str, tmp_path: Path) -> None:
     path = tmp_path / "teacher.jsonl"
     facts = write_dataset(path, n_trained=12, n_unseen=8)
     submitted = kma(
-        "submit", str(path), "--student", str(student_dir), "--engine", "hf",
+        "submit", str(path), "--student", "tiny",
         "--config", "samples=8", "--wait", "--server", served,
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
@@ -204,25 +213,34 @@ def test_the_command_line_client(served: str, student_dir: Path, tmp_path: Path)
 def test_command_line_exit_codes(served: str, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "Q?", "answer": "A"}\n{"question": "Q2?"}\n')
-    refused = kma("submit", str(bad), "--student", "m", "--server", served)
+    refused = kma("submit", str(bad), "--student", "tiny", "--server", served)
     assert refused.returncode == 2
     assert "line 2, field 'answer': missing" in refused.stderr
 
     good = tmp_path / "good.jsonl"
     good.write_text('{"question": "Q?", "answer": "A"}\n{"question": "Q2?", "answer": "B"}\n')
-    bad_config = kma("submit", str(good), "--student", "m", "--config", "samples=-1",
+    bad_config = kma("submit", str(good), "--student", "tiny", "--config", "samples=-1",
                      "--server", served)  # fmt: skip
     assert bad_config.returncode == 2
     assert "config.samples" in bad_config.stderr
 
-    failed = kma("submit", str(good), "--student", str(tmp_path / "no-model"), "--engine", "hf",
-                 "--wait", "--server", served)  # fmt: skip
+    unknown = kma("submit", str(good), "--student", "/etc/passwd", "--server", served)
+    assert unknown.returncode == 2
+    assert "body.student" in unknown.stderr
+    unregistered = kma("submit", str(good), "--student", "qwen", "--server", served)
+    assert unregistered.returncode == 2
+    assert "body.student: student 'qwen' is not registered (registered students: broken, tiny)" in (
+        unregistered.stderr
+    )
+
+    failed = kma("submit", str(good), "--student", "broken", "--wait", "--server", served)
     assert failed.returncode == 1, failed.stderr
-    assert "failed" in failed.stderr
+    assert "the student 'broken' could not be loaded by the hf engine" in failed.stderr
+    assert "no-model" not in failed.stderr
 
     client = Client(served)
     dataset = client.upload_dataset(good)
-    job = client.create_job(dataset["id"], {"model": "m"})
+    job = client.create_job(dataset["id"], "tiny")
     client.cancel(job["id"])
     assert kma("status", job["id"], "--server", served).returncode == 3
 

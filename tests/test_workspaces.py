@@ -25,7 +25,7 @@ from app.workspaces import service as workspaces
 from app.workspaces.domain import KEY_FILE, hash_key
 from kma.cli.server import save_first_key
 from tests.conftest import bearer, fresh_database
-from tests.test_api_jobs import AUDITS, RECORDS, Recorder, add_verdicts, set_status
+from tests.test_api_jobs import AUDITS, RECORDS, STUDENTS, Recorder, add_verdicts, set_status
 
 JSONL = b"".join(json.dumps(r).encode() + b"\n" for r in RECORDS)
 
@@ -46,7 +46,9 @@ def keys(session: Session) -> tuple[str, str]:
 @pytest.fixture
 def app_(api: FastAPI, broker_url: str) -> FastAPI:
     api.dependency_overrides[get_queue] = lambda: Recorder([])
-    api.dependency_overrides[get_settings] = lambda: Settings(broker_url=broker_url)
+    api.dependency_overrides[get_settings] = lambda: Settings(
+        broker_url=broker_url, students=STUDENTS
+    )
     return api
 
 
@@ -55,7 +57,7 @@ def red_job(app_: FastAPI, session: Session, keys: tuple[str, str]) -> Iterator[
     """A dataset and a job of the red workspace, the job finished with verdicts."""
     with make_client(app_, keys[0]) as red:
         dataset = red.post("/v1/datasets", files={"file": ("t.jsonl", JSONL)}).json()
-        body = {"dataset_id": dataset["id"], "student": {"model": "tiny"}}
+        body = {"dataset_id": dataset["id"], "student": "tiny"}
         job = red.post("/v1/jobs", json=body).json()
         add_verdicts(session, job["id"], AUDITS)
         set_status(session, job["id"], JobStatus.CANCELLED)
@@ -68,7 +70,7 @@ def every_call(dataset_id: str, job_id: str) -> list[tuple[str, str, dict[str, A
     return [
         ("GET", f"/v1/datasets/{dataset_id}", {}),
         ("DELETE", f"/v1/datasets/{dataset_id}", {}),
-        ("POST", "/v1/jobs", {"json": {"dataset_id": dataset_id, "student": {"model": "m"}}}),
+        ("POST", "/v1/jobs", {"json": {"dataset_id": dataset_id, "student": "tiny"}}),
         ("GET", job, {}),
         ("POST", f"{job}/cancel", {}),
         ("DELETE", job, {}),
@@ -171,7 +173,7 @@ def test_deleting_a_dataset_removes_what_came_of_it(
     app_: FastAPI, session: Session, keys: tuple[str, str], red_job: dict[str, Any]
 ) -> None:
     with make_client(app_, keys[0]) as red:
-        body = {"dataset_id": red_job["dataset"], "student": {"model": "m"}}
+        body = {"dataset_id": red_job["dataset"], "student": "tiny"}
         running = red.post("/v1/jobs", json=body).json()["id"]
         set_status(session, running, JobStatus.RUNNING)
         assert red.delete(f"/v1/datasets/{red_job['dataset']}").status_code == 204
@@ -196,10 +198,10 @@ def test_idempotency_keys_belong_to_their_workspace(
     headers = {"Idempotency-Key": "nightly"}
     with make_client(app_, keys[1]) as blue:
         dataset = blue.post("/v1/datasets", files={"file": ("t.jsonl", JSONL)}).json()["id"]
-        body = {"dataset_id": dataset, "student": {"model": "m"}}
+        body = {"dataset_id": dataset, "student": "tiny"}
         blue_job = blue.post("/v1/jobs", json=body, headers=headers)
     with make_client(app_, keys[0]) as red:
-        body = {"dataset_id": red_job["dataset"], "student": {"model": "m"}}
+        body = {"dataset_id": red_job["dataset"], "student": "tiny"}
         red_job_again = red.post("/v1/jobs", json=body, headers=headers)
     assert blue_job.status_code == red_job_again.status_code == 202
     assert blue_job.json()["id"] != red_job_again.json()["id"]

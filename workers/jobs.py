@@ -42,7 +42,8 @@ from workers.runner import audit_batch
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[dict[str, Any]], Engine]
-"""Gives the engine for a job's `student` spec ({model, engine, revision})."""
+"""Gives the engine for a job's stored `student` ({name, engine, model, revision, ...}); raises
+`PermanentError`, its message for users, when the worker cannot give that student."""
 
 TRANSIENT: tuple[type[BaseException], ...] = (
     sqlalchemy.exc.OperationalError,
@@ -274,15 +275,18 @@ def run_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
 
 
 def load_engine(worker: Worker, student: dict[str, Any]) -> Engine:
+    name = student.get("name", student.get("model"))
     try:
         return worker.engine_for(student)
+    except PermanentError:
+        raise
     except Exception as exc:
         if is_transient(exc):
             raise
-        log.exception("loading %s failed", student.get("model"))
+        log.exception("loading the student %s (%s) failed", name, student.get("model"))
+        # The user sees the student's name, never the path or server that failed.
         raise PermanentError(
-            f"the student model {student.get('model')!r} could not be loaded "
-            f"by the {student.get('engine', 'auto')} engine"
+            f"the student {name!r} could not be loaded by the {student.get('engine')} engine"
         ) from exc
 
 

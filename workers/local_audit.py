@@ -11,8 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from app.audit.domain import draw_exemplar_sets, export_record, find_conflicts, summarize
-from app.audit.schemas import AuditConfig, Report, Student
+from app.audit.schemas import AuditConfig, Report
 from app.datasets.domain import AUTO, Record, load_records
+from app.students.schemas import Student
 from workers.engines.base import Engine
 from workers.runner import RunStats, audit_batch
 

@@ -23,31 +23,40 @@ from app.jobs import service as jobs_service
 from app.logs import job_logging
 from app.queue import SEND_WEBHOOK, WORK, get_queue, make_celery
 from app.settings import get_settings
+from app.students.schemas import Student
 from app.webhooks import IPNetwork, WebhookRefused, WebhookUnresolved, check_url, pinned_request
 from workers import jobs
-from workers.engines import load_engine
+from workers.engines import load_student
 from workers.engines.base import Engine
 
 log = logging.getLogger(__name__)
 
 celery = make_celery(get_settings().broker_url or "redis://")
 
-_loaded: dict[tuple[str, str, str | None, str | None], Engine] = {}
+_loaded: dict[tuple[str, str], Engine] = {}
 
 
 def engine_for(student: dict[str, Any]) -> Engine:
-    """The student's engine, loaded once per worker process; one model held at a time."""
-    key = (
-        student.get("engine", "auto"),
-        student["model"],
-        student.get("revision"),
-        student.get("base_url"),
-    )
+    """The job's student as this worker's registry declares it, loaded once per worker process;
+    one model held at a time. The job names the student; the registry says what that loads."""
+    wanted = Student.model_validate(student)
+    registered = get_settings().students.get(wanted.name)
+    if registered is None:
+        raise jobs.PermanentError(f"the student {wanted.name!r} is not registered on the worker")
+    if (registered.engine, registered.model, registered.revision) != (
+        wanted.engine,
+        wanted.model,
+        wanted.revision,
+    ):
+        raise jobs.PermanentError(
+            f"the student {wanted.name!r} is registered on the worker with another engine, "
+            "model or revision than when the job was submitted"
+        )
+    key = (wanted.name, registered.model_dump_json())
     if key not in _loaded:
         close_engines()
-        log.info("loading %s on engine %s", key[1], key[0])
-        options = {"base_url": key[3]} if key[3] else {}  # jobs give one only for openai
-        _loaded[key] = load_engine(key[0], key[1], revision=key[2], **options)
+        log.info("loading student %s (%s on engine %s)", wanted.name, wanted.model, wanted.engine)
+        _loaded[key] = load_student(registered)
     return _loaded[key]
 
 

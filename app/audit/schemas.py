@@ -6,7 +6,9 @@ import string
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.students.schemas import Student
 
 
 class Category(StrEnum):
@@ -145,31 +147,6 @@ class Audit(BaseModel):
     suggested_action: SuggestedAction
     suggested_answer: str | None
     generations: int
-
-
-class Student(BaseModel):
-    """The model under audit."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(min_length=1, description="A Hugging Face model id or a local directory.")
-    engine: Literal["auto", "hf", "vllm", "openai"] = Field(
-        "auto",
-        description="auto: vllm where it imports and a GPU is present, else hf. openai: an "
-        "OpenAI-compatible completions server serving `model` (`vllm serve`, SGLang, ...).",
-    )
-    revision: str | None = Field(None, description="A model revision (branch, tag or commit).")
-    base_url: HttpUrl | None = Field(
-        None,
-        description="The openai engine's server, e.g. http://host:8000/v1; "
-        "unset: the worker's KMA_OPENAI_BASE_URL.",
-    )
-
-    @model_validator(mode="after")
-    def base_url_only_for_openai(self) -> Student:
-        if self.base_url is not None and self.engine != "openai":
-            raise ValueError("base_url is for the openai engine")
-        return self
 
 
 class ConflictRead(BaseModel):

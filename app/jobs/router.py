@@ -60,7 +60,8 @@ def create_job(
 ) -> JobRead:
     """Queue an audit of the dataset against the student; poll the job it answers.
 
-    Every option is checked now: an invalid one answers 422 naming its field, as does a job that
+    `student` names a registered student (`GET /v1/students`); any other answers 422. Every
+    option is checked now: an invalid one answers 422 naming its field, as does a job that
     could take more than `KMA_MAX_GENERATIONS_PER_JOB` generations (`config`) or a webhook that
     is not a public http(s) address (`webhook_url`). A stored job always starts, even when the
     broker is down as it is submitted: workers find it then.

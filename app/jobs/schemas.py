@@ -8,15 +8,18 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
-from app.audit.schemas import Audit, AuditConfig, Category, ConflictRead, Student
+from app.audit.schemas import Audit, AuditConfig, Category, ConflictRead
 from app.models import JobStatus
+from app.students.schemas import Student, StudentName
 
 
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset_id: uuid.UUID
-    student: Student
+    student: StudentName = Field(
+        description="The name of a registered student (`GET /v1/students`)."
+    )
     config: AuditConfig = Field(
         default_factory=AuditConfig, description="Method options; omitted ones take defaults."
     )

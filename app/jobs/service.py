@@ -22,7 +22,7 @@ from app.audit.domain import (
     summarize_tallies,
     worst_case_generations,
 )
-from app.audit.schemas import Audit, AuditConfig, Category, ConflictRead, Report, Student
+from app.audit.schemas import Audit, AuditConfig, Category, ConflictRead, Report
 from app.datasets import service as datasets_service
 from app.datasets.domain import parse_record
 from app.errors import Conflict, InvalidField, NotFound, Unprocessable
@@ -41,6 +41,8 @@ from app.jobs.schemas import (
 from app.models import Example as ExampleRow
 from app.models import Job, JobStatus, Verdict, Workspace, utcnow
 from app.settings import Settings
+from app.students import service as students_service
+from app.students.schemas import Student
 from app.webhooks import WebhookRefused, check_url
 from app.workspaces.domain import page_link_opens, page_link_token
 
@@ -138,10 +140,12 @@ def create_job(
     """A queued job over the whole dataset, and whether it is new; the caller commits, then
     tells the workers.
 
-    Refused (422) when the job could take more generations than the limit, or its webhook does
-    not go to a public address. A submission retried with the same `idempotency_key` gives the
-    job the first one made.
+    The student must be in the operator's registry; the job stores what its name loads,
+    without server or key. Refused (422) when the job could take more generations than the
+    limit, or its webhook does not go to a public address. A submission retried with the same
+    `idempotency_key` gives the job the first one made.
     """
+    student = students_service.find_student(settings.students, job_create.student)
     if job_create.webhook_url is not None:  # a DNS lookup: before any query opens a transaction
         try:
             check_url(str(job_create.webhook_url), settings.webhook_allow_networks)
@@ -153,7 +157,7 @@ def create_job(
         workspace_id=workspace_id,
         dataset_id=dataset.id,
         status=JobStatus.QUEUED,
-        student=job_create.student.model_dump(mode="json"),
+        student=student.spec(job_create.student),
         config=job_create.config.model_dump(mode="json"),
         webhook_url=str(job_create.webhook_url) if job_create.webhook_url else None,
         total=dataset.num_examples,

@@ -9,8 +9,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app.audit.schemas import AuditConfig, Student
+from app.audit.schemas import AuditConfig
 from app.datasets.domain import AUTO, RECORD_FORMATS, DatasetError
+from app.students.schemas import ENGINE_NAMES, RegisteredStudent, Student
 from kma.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
@@ -23,7 +24,7 @@ from kma.cli.common import (
 def cmd_audit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from workers.engines import load_engine, resolve_engine_name
+    from workers.engines import load_student, resolve_engine_name
     from workers.local_audit import OUTPUT_FILES, audit_file, read_dataset
 
     try:
@@ -43,26 +44,26 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     engine_name = resolve_engine_name(args.engine)
     try:
-        student = Student.model_validate(
+        # Checked as the registry checks a student: here the user names the model and server.
+        local = RegisteredStudent.model_validate(
             {
-                "model": args.student,
                 "engine": engine_name,
+                "model": args.student,
                 "revision": args.revision,
                 "base_url": args.base_url,
+                "api_key_env": args.api_key_env,
             }
         )
     except ValidationError as exc:
         print(f"kma audit: invalid student:\n  {format_validation_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    student = Student(
+        name=args.student, engine=engine_name, model=args.student, revision=args.revision
+    )
     print(f"loading {args.student} on the {engine_name} engine", file=sys.stderr)
     try:
-        engine = load_engine(
-            engine_name,
-            args.student,
-            revision=args.revision,
-            **({"base_url": args.base_url} if args.base_url else {}),
-        )
-    except ValueError as exc:  # a base URL missing for openai, or given to another engine
+        engine = load_student(local)
+    except ValueError as exc:  # the key's variable is not set
         print(f"kma audit: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -100,11 +101,15 @@ def add_audit_command(commands: Any) -> None:
     )
     audit.add_argument("--student", required=True, help="model name or Hugging Face folder")
     audit.add_argument("--revision", help="model revision")
-    audit.add_argument("--engine", choices=["auto", "hf", "vllm", "openai"], default="auto")
+    audit.add_argument("--engine", choices=ENGINE_NAMES, default="auto")
     audit.add_argument(
         "--base-url",
-        help="the OpenAI-compatible server of --engine openai, e.g. http://host:8000/v1"
-        " (default: KMA_OPENAI_BASE_URL)",
+        help="the OpenAI-compatible server of --engine openai, e.g. http://host:8000/v1",
+    )
+    audit.add_argument(
+        "--api-key-env",
+        metavar="NAME",
+        help="the environment variable holding the --base-url server's key (default: no key)",
     )
     audit.add_argument(
         "--config",

@@ -3,7 +3,8 @@
 Exit codes a pipeline can rely on:
   0  done: submitted, or (with --wait) the job succeeded; the file downloaded
   1  the job failed
-  2  the input was refused (invalid dataset or options), or a usage error
+  2  the input was refused (invalid dataset or options, a student not registered on the
+     server), or a usage error
   3  the job was cancelled
   4  the server could not be reached, or answered an error (e.g. no such job), or a download
      arrived incomplete (connection broken, fewer records than announced): no file is written
@@ -80,11 +81,6 @@ def finished(job: dict[str, Any]) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     client = Client(args.server)
-    # A folder here is named by its absolute path: the workers do not share this directory.
-    model = str(Path(args.student).resolve()) if Path(args.student).exists() else args.student
-    student = {"model": model, "engine": args.engine}
-    if args.revision:
-        student["revision"] = args.revision
     dataset = client.upload_dataset(args.file, format=args.format, name=args.name)
     print(
         f"uploaded {dataset['num_examples']} examples ({dataset['format']}) "
@@ -92,7 +88,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     job = client.create_job(
-        dataset["id"], student, config=parse_options(args.config), webhook_url=args.webhook_url
+        dataset["id"], args.student, config=parse_options(args.config), webhook_url=args.webhook_url
     )
     print(job["id"])  # stdout: for JOB=$(kma submit ...)
     sys.stdout.flush()
@@ -164,9 +160,11 @@ def add_remote_commands(commands: Any) -> None:
 
     submit = add("submit", cmd_submit, "upload a dataset and start an audit on a server")
     submit.add_argument("file", help="teacher dataset, JSONL")
-    submit.add_argument("--student", required=True, help="model name or path on the workers")
-    submit.add_argument("--engine", default="auto", help="auto, hf, vllm or openai")
-    submit.add_argument("--revision", help="model revision")
+    submit.add_argument(
+        "--student",
+        required=True,
+        help="the name of a student registered on the server (GET /v1/students)",
+    )
     submit.add_argument("--format", default="auto", help="auto, qa, messages, alpaca, sharegpt")
     submit.add_argument("--name", help="dataset name (default: the file name)")
     submit.add_argument("--config", action="append", default=[], metavar="KEY=VALUE")

@@ -15,13 +15,17 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.settings import Settings, get_settings
+from app.students.schemas import RegisteredStudent, Registry, dump_registry
 from app.workspaces import service as workspaces
 from app.workspaces.domain import KEY_FILE
 from kma.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, format_categories
 from kma.cli.processes import die_with_parent, free_port, stop_process, wait_until_ready
 from kma.cli.remote import follow
 from kma.client import Client
-from kma.tiny_student import ensure_student, write_dataset
+from kma.tiny_student import ensure_student, student_dir_in, write_dataset
+
+TINY_STUDENT = "tiny-student"
+"""The name `kma serve` registers the tiny student under when the operator declares none."""
 
 
 @contextmanager
@@ -36,6 +40,12 @@ def services(settings: Settings) -> Iterator[tuple[str, str]]:
         yield settings.database_url or database_url, settings.broker_url or broker_url
 
 
+def default_students(data_dir: Path) -> Registry:
+    """The registry of `kma serve` when the operator declares none: the tiny student, so that
+    `kma demo` needs no set-up."""
+    return {TINY_STUDENT: RegisteredStudent(engine="hf", model=str(student_dir_in(data_dir)))}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -44,6 +54,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     with services(settings) as (database_url, broker_url):
         os.environ.update(KMA_DATABASE_URL=database_url, KMA_BROKER_URL=broker_url)
+        if not settings.students:
+            os.environ["KMA_STUDENTS"] = dump_registry(default_students(settings.data_dir))
         get_settings.cache_clear()
         migrate(database_url)
         save_first_key(database_url, settings.data_dir / KEY_FILE)
@@ -83,6 +95,7 @@ def save_first_key(database_url: str, path: Path) -> None:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    get_settings()  # a bad setting (the student registry's, say) stops it here, not per request
     uvicorn.run(
         "app.main:app", host=args.host, port=args.port, workers=args.workers, log_config=None
     )
@@ -116,7 +129,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     demo_dir = settings.data_dir / "demo"
     demo_dir.mkdir(parents=True, exist_ok=True)
     print("1/4 the student: a tiny model that knows some invented facts", file=sys.stderr)
-    student = ensure_student(settings.data_dir / "models" / "tiny-student-v1")
+    ensure_student(student_dir_in(settings.data_dir))
     dataset_path = demo_dir / "teacher.jsonl"
     write_dataset(dataset_path, n_trained=60, n_unseen=40)
 
@@ -129,15 +142,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
             [sys.executable, "-m", "kma.cli", "serve", "--port", str(port)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            # Small chunks, so the progress bar moves on a 100-example demo.
-            env={**os.environ, "KMA_CHUNK_SIZE": os.environ.get("KMA_CHUNK_SIZE", "10")},
+            env={
+                **{k: v for k, v in os.environ.items() if k != "KMA_STUDENTS_FILE"},
+                # Small chunks, so the progress bar moves on a 100-example demo.
+                "KMA_CHUNK_SIZE": os.environ.get("KMA_CHUNK_SIZE", "10"),
+                # The tiny student, whatever students this shell declares.
+                "KMA_STUDENTS": dump_registry(default_students(settings.data_dir)),
+            },
         )
     try:
         wait_until_ready(f"{url}/readyz", server, timeout=180)
         client = Client(url)
         dataset = client.upload_dataset(dataset_path, name="demo teacher dataset")
         print(f"3/4 uploaded {dataset['num_examples']} examples; auditing", file=sys.stderr)
-        job = client.create_job(dataset["id"], student={"model": str(student), "engine": "hf"})
+        job = client.create_job(dataset["id"], student=TINY_STUDENT)
         job = follow(client, job, poll_seconds=0.5)
         if job["status"] != "succeeded":
             print(f"the job ended {job['status']}: {job.get('error')}", file=sys.stderr)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import os
+from typing import Any
 
+from app.students.schemas import EngineName, RegisteredStudent
 from workers.engines.base import Engine
-
-EngineName = Literal["auto", "hf", "vllm", "openai"]
-ENGINE_NAMES: tuple[EngineName, ...] = ("auto", "hf", "vllm", "openai")
 
 
 def resolve_engine_name(name: EngineName) -> EngineName:
@@ -24,23 +23,17 @@ def resolve_engine_name(name: EngineName) -> EngineName:
 def load_engine(
     name: EngineName, model: str, *, revision: str | None = None, **options: Any
 ) -> Engine:
-    """The named engine for `model`. `openai` takes `base_url` and `api_key`, by default the
-    settings `KMA_OPENAI_BASE_URL` and `KMA_OPENAI_API_KEY`."""
+    """The named engine for `model`. `openai` needs `base_url`, its server, and takes
+    `api_key`, which is sent to that server alone."""
     name = resolve_engine_name(name)
     if name == "openai":
-        from app.settings import get_settings
         from workers.engines.openai import OpenAIEngine
 
-        settings = get_settings()
-        base_url = options.pop("base_url", None) or settings.openai_base_url
-        if not base_url:
-            raise ValueError(
-                "the openai engine needs a server: give a base URL or set KMA_OPENAI_BASE_URL"
-            )
-        options.setdefault("api_key", settings.openai_api_key)
-        return OpenAIEngine(model, base_url=base_url, revision=revision, **options)
-    if "base_url" in options:
-        raise ValueError(f"a base URL is for the openai engine, not {name}")
+        if not options.get("base_url"):
+            raise ValueError("the openai engine needs a server: give its base URL")
+        return OpenAIEngine(model, revision=revision, **options)
+    if "base_url" in options or "api_key" in options:
+        raise ValueError(f"a server and its key are for the openai engine, not {name}")
     if name == "vllm":
         from workers.engines.vllm import VLLMEngine
 
@@ -48,3 +41,16 @@ def load_engine(
     from workers.engines.hf import HFEngine
 
     return HFEngine(model, revision=revision, **options)
+
+
+def load_student(student: RegisteredStudent, **options: Any) -> Engine:
+    """A registered student's engine. An openai student talks to the server of its entry, with
+    the key in the environment variable the entry names."""
+    if student.base_url is not None:
+        options["base_url"] = str(student.base_url)
+    if student.api_key_env is not None:
+        key = os.environ.get(student.api_key_env)
+        if not key:
+            raise ValueError(f"{student.api_key_env}, the key of {student.base_url}, is not set")
+        options["api_key"] = key
+    return load_engine(student.engine, student.model, revision=student.revision, **options)

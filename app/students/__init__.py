@@ -1,0 +1,1 @@
+"""The student registry: the models the operator lets jobs audit, each under a name."""
