@@ -53,7 +53,14 @@ from app.jobs import lifecycle  # noqa: E402
 from app.models import Chunk, ChunkStatus, Job, utcnow  # noqa: E402
 from app.queue import WORK, WORK_QUEUE  # noqa: E402
 from app.workspaces.service import create_key  # noqa: E402
-from bench.upload_export import api_process, database, machine, redis_answers, upload  # noqa: E402
+from bench.upload_export import (  # noqa: E402
+    STUDENT,
+    api_process,
+    database,
+    machine,
+    redis_answers,
+    upload,
+)
 
 LOCAL_REDIS = "redis://127.0.0.1:6379/7"
 CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
@@ -84,9 +91,7 @@ def build_dataset(path: Path, examples: int) -> None:
 def running_job(client: httpx.Client, database_url: str, broker_url: str, dataset_id: str) -> str:
     """A job submitted over HTTP, then running with a verdict for every example, as a worker
     would have left it."""
-    response = client.post(
-        "/v1/jobs", json={"dataset_id": dataset_id, "student": {"model": "none"}}
-    )
+    response = client.post("/v1/jobs", json={"dataset_id": dataset_id, "student": STUDENT})
     if response.status_code != 202:
         raise RuntimeError(f"job submission answered {response.status_code}: {response.text}")
     job_id = uuid.UUID(response.json()["id"])
