@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from functools import lru_cache
@@ -79,15 +80,34 @@ def this_worker() -> jobs.Worker:
 
 
 _stop_sweeping = threading.Event()
+_working = threading.Lock()
+"""Held while this worker does a unit of work, from a task or from the sweeper's thread."""
+_last_task_at = time.monotonic()
 
 
 def sweep_forever() -> None:
+    """Sweep, and work without the broker when it has sent this worker nothing for a while.
+
+    A Celery consumer can stay stalled after its broker restarts; the database still says what
+    is to be done, so a worker whose tasks stopped coming claims work itself.
+    """
     interval = get_settings().sweep_seconds
     while not _stop_sweeping.wait(interval):
         try:
             jobs.sweep(this_worker())
+            if not tasks_stopped(interval) or not _working.acquire(blocking=False):
+                continue
+            try:  # until a task comes again, or no work is left
+                while tasks_stopped(interval) and jobs.work_once(this_worker()):
+                    log.info("did a unit of work the broker did not hand out")
+            finally:
+                _working.release()
         except Exception as exc:  # the database or broker is away: the next round tries again
             log.warning("sweep failed: %s", exc)
+
+
+def tasks_stopped(interval: float) -> bool:
+    return not _stop_sweeping.is_set() and time.monotonic() - _last_task_at > 2 * interval
 
 
 @worker_ready.connect
@@ -109,7 +129,10 @@ def shut_down(**_: Any) -> None:
 @celery.task(name=WORK)
 def work() -> None:
     """Claim one unit of work (a job to plan or a chunk to run) and do it."""
-    jobs.work_once(this_worker())
+    global _last_task_at
+    _last_task_at = time.monotonic()
+    with _working:
+        jobs.work_once(this_worker())
 
 
 @celery.task(name=SEND_WEBHOOK, bind=True)
