@@ -52,6 +52,7 @@ class Stack:
     api: subprocess.Popen[bytes] | None = None
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     started: int = 0
+    seeds: int = 0
     results: dict[str, Any] = field(default_factory=dict)
 
     def start_worker(self) -> subprocess.Popen[bytes]:
@@ -62,8 +63,14 @@ class Stack:
         return worker
 
     def submit(self, client: Client, **config: Any) -> str:
-        job = client.create_job(self.dataset_id, self.student, config=config or None)
+        job = client.create_job(self.dataset_id, self.student, config=self.fresh(config))
         return str(job["id"])
+
+    def fresh(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The config with a seed of its own: other exemplar sets, so other prompts, so a job
+        the generation cache cannot answer at once (it would leave no fault to recover from)."""
+        self.seeds += 1
+        return {"seed": self.seeds, **config}
 
     def done(self, job_ids: list[str]) -> int | None:
         """Verdicts written for these jobs; None while the database is away."""
@@ -259,9 +266,12 @@ def test_a_redis_restart_mid_job(stack: Stack, tmp_path: Path) -> None:
 
 
 def test_redis_down_at_submission(stack: Stack, tmp_path: Path) -> None:
+    """The job is stored and answered 202, a retry with its key gives it back, and it runs with
+    Redis still down: the workers find it in the database (their sweeper claims work itself
+    when the broker hands them nothing)."""
     stack.redis.stop()
     try:
-        body = {"dataset_id": stack.dataset_id, "student": stack.student}
+        body = {"dataset_id": stack.dataset_id, "student": stack.student, "config": stack.fresh({})}
         headers = {"Idempotency-Key": "faults-redis-down", "Authorization": f"Bearer {stack.key}"}
         first = httpx.post(f"{stack.url}/v1/jobs", json=body, headers=headers, timeout=30)
         assert first.status_code == 202, first.text
@@ -269,14 +279,14 @@ def test_redis_down_at_submission(stack: Stack, tmp_path: Path) -> None:
         assert retried.status_code == 202, retried.text
         assert retried.json()["id"] == first.json()["id"]  # the retry gave the same job
         job_id = first.json()["id"]
-        time.sleep(3.0)
-        assert Client(stack.url, api_key=stack.key).get_job(job_id)["status"] == "queued"
+        waited = wait_for(lambda: bool(stack.done([job_id])), 2 * LEASE, "a verdict, Redis down")
     finally:
         stack.redis.start()
-    waited = seconds_to_progress(stack, [job_id])
     client = Client(stack.url, api_key=stack.key)
     assert_complete(stack, client, job_id, tmp_path)
-    stack.results["redis_down_at_submission"] = {"seconds_to_progress": round(waited, 1)}
+    stack.results["redis_down_at_submission"] = {
+        "seconds_from_submission_to_progress_with_redis_down": round(waited, 1)
+    }
 
 
 def test_a_cancel_stops_writing_and_frees_the_workers(stack: Stack) -> None:
