@@ -27,15 +27,13 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +57,7 @@ from bench.upload_export import (  # noqa: E402
     database,
     machine,
     redis_answers,
+    run_in_work_dir,
     upload,
 )
 
@@ -336,23 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.clients < 1 or args.examples < 1 or args.seconds <= 0 or args.interval < 0:
         parser.error("--clients and --examples at least 1, --seconds > 0, --interval >= 0")
-    work_dir = Path(tempfile.mkdtemp(prefix="kma-bench-"))
-    try:
-        result = run(args, work_dir)
-    except Exception:
-        log = work_dir / "api.log"
-        if log.exists():
-            print(f"--- {log} (tail) ---", file=sys.stderr)
-            print(log.read_text(errors="replace")[-4000:], file=sys.stderr)
-        raise
-    finally:
-        if args.keep:
-            print(f"kept {work_dir}", file=sys.stderr)
-        else:
-            shutil.rmtree(work_dir, ignore_errors=True)
-    print(table(result))
-    print(json.dumps(asdict(result)))
-    return 0
+    return run_in_work_dir(lambda work_dir: run(args, work_dir), table, args.keep, ["api.log"])
 
 
 if __name__ == "__main__":

@@ -26,13 +26,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +56,7 @@ from bench.upload_export import (  # noqa: E402
     api_process,
     database,
     machine,
+    run_in_work_dir,
     upload,
 )
 from kma.cli.processes import stop_process  # noqa: E402
@@ -469,24 +469,12 @@ def main(argv: list[str] | None = None) -> int:
     config = AuditConfig(
         n_exemplar_sets=args.exemplar_sets, shots=4, samples=args.samples, mode=args.mode
     )
-    work_dir = Path(tempfile.mkdtemp(prefix="kma-bench-"))
-    try:
-        result = run(args.examples, config, work_dir, args.keep, args.timeout)
-    except Exception:
-        for name in ("api.log", "worker.log"):
-            log = work_dir / name
-            if log.exists():
-                print(f"--- {log} (tail) ---", file=sys.stderr)
-                print(log.read_text(errors="replace")[-4000:], file=sys.stderr)
-        raise
-    finally:
-        if args.keep:
-            print(f"kept {work_dir}", file=sys.stderr)
-        else:
-            shutil.rmtree(work_dir, ignore_errors=True)
-    print(table(result))
-    print(json.dumps(asdict(result)))
-    return 0
+    return run_in_work_dir(
+        lambda work_dir: run(args.examples, config, work_dir, args.keep, args.timeout),
+        table,
+        args.keep,
+        ["api.log", "worker.log"],
+    )
 
 
 if __name__ == "__main__":

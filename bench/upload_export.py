@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -412,17 +412,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.lines < 1:
         parser.error("--lines must be at least 1")
+    return run_in_work_dir(
+        lambda work_dir: run(args.lines, work_dir, args.keep), table, args.keep, ["api.log"]
+    )
+
+
+def run_in_work_dir(
+    run: Callable[[Path], Any], table: Callable[[Any], str], keep: bool, logs: Sequence[str]
+) -> int:
+    """Run a benchmark in a temp dir of its own: the tails of its `logs` if it fails, else its
+    table, then its result (a dataclass) as JSON on the last line of stdout."""
     work_dir = Path(tempfile.mkdtemp(prefix="kma-bench-"))
     try:
-        result = run(args.lines, work_dir, args.keep)
+        result = run(work_dir)
     except Exception:
-        log = work_dir / "api.log"
-        if log.exists():
-            print(f"--- {log} (tail) ---", file=sys.stderr)
-            print(log.read_text(errors="replace")[-4000:], file=sys.stderr)
+        for name in logs:
+            log = work_dir / name
+            if log.exists():
+                print(f"--- {log} (tail) ---", file=sys.stderr)
+                print(log.read_text(errors="replace")[-4000:], file=sys.stderr)
         raise
     finally:
-        if args.keep:
+        if keep:
             print(f"kept {work_dir}", file=sys.stderr)
         else:
             shutil.rmtree(work_dir, ignore_errors=True)
