@@ -31,8 +31,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from app.db import make_engine  # noqa: E402
-from app.embedded import start_redis, stop_redis  # noqa: E402
 from app.jobs import lifecycle  # noqa: E402
 from app.models import Chunk, ChunkStatus, Job, utcnow  # noqa: E402
 from app.queue import WORK, WORK_QUEUE  # noqa: E402
@@ -54,30 +52,14 @@ from app.workspaces.service import create_key  # noqa: E402
 from bench.upload_export import (  # noqa: E402
     STUDENT,
     api_process,
+    broker,
     database,
     machine,
-    redis_answers,
     run_in_work_dir,
     upload,
 )
 
-LOCAL_REDIS = "redis://127.0.0.1:6379/7"
 CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
-
-
-@contextmanager
-def broker(work_dir: Path) -> Iterator[tuple[str, str]]:
-    """A Redis broker: (URL, where it comes from)."""
-    if url := os.environ.get("KMA_BROKER_URL"):
-        yield url, "KMA_BROKER_URL"
-    elif redis_answers(LOCAL_REDIS):
-        yield LOCAL_REDIS, "local Redis db 7"
-    else:
-        server, url = start_redis(work_dir / "redis")
-        try:
-            yield url, "embedded Redis"
-        finally:
-            stop_redis(server)
 
 
 def build_dataset(path: Path, examples: int) -> None:
@@ -239,7 +221,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> Result:
     build_dataset(path, args.examples)
     with ExitStack() as stack:
         database_url, database_source = stack.enter_context(database(work_dir, args.keep))
-        broker_url, broker_source = stack.enter_context(broker(work_dir))
+        broker_url, broker_source = stack.enter_context(broker(work_dir, local_db=7))
         print(f"database: {database_source}; broker: {broker_source}", file=sys.stderr)
         _, base_url = stack.enter_context(
             api_process(

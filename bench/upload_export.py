@@ -122,12 +122,13 @@ def database(work_dir: Path, keep: bool) -> Iterator[tuple[str, str]]:
 
 
 @contextmanager
-def broker(work_dir: Path) -> Iterator[tuple[str, str]]:
-    """A Redis broker: (URL, where it comes from)."""
+def broker(work_dir: Path, local_db: int = 14) -> Iterator[tuple[str, str]]:
+    """A Redis broker: (URL, where it comes from); the machine's Redis uses db `local_db`."""
+    local = LOCAL_REDIS.rsplit("/", 1)[0] + f"/{local_db}"
     if url := os.environ.get("KMA_BROKER_URL"):
         yield url, "KMA_BROKER_URL"
-    elif redis_answers(LOCAL_REDIS):
-        yield LOCAL_REDIS, "local Redis db 14"
+    elif redis_answers(local):
+        yield local, f"local Redis db {local_db}"
     else:
         server, url = start_redis(work_dir / "redis")
         try:
