@@ -130,6 +130,18 @@ class Job(Base):
     """The client's `Idempotency-Key`: the same submission retried gives this job back (keys
     are the workspace's own)."""
     total: Mapped[int] = mapped_column(Integer, default=0)
+    # What a poll shows, counted by the worker in the transaction that writes a chunk's
+    # verdicts (`app.audit.repository.count_chunk`), so that no read counts verdicts.
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    """Examples with a verdict."""
+    highly_known: Mapped[int] = mapped_column(Integer, default=0)
+    maybe_known: Mapped[int] = mapped_column(Integer, default=0)
+    weakly_known: Mapped[int] = mapped_column(Integer, default=0)
+    unknown: Mapped[int] = mapped_column(Integer, default=0)
+    flagged: Mapped[int] = mapped_column(Integer, default=0)
+    generations: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Completions the engine made for the job's finished chunks."""
+    cached_generations: Mapped[int] = mapped_column(BigInteger, default=0)
     exemplar_sets: Mapped[dict[str, Any] | None]
     report: Mapped[dict[str, Any] | None]
     error: Mapped[str | None] = mapped_column(Text)

@@ -5,12 +5,12 @@ Usage: .venv/bin/python bench/pollers.py [--clients 200] [--seconds 30] [--inter
 
 Starts `python -m kma.cli api` on a fresh, migrated database (as bench/upload_export.py does),
 uploads a qa dataset of `--examples` lines, submits a job over it and writes what a worker would
-have written so far (the job running, a verdict for every example, one chunk's generation
-counts), so that `GET /v1/jobs/{id}` counts real rows. No worker runs. Then `--clients`
-clients, each on its own connection, poll `GET /v1/jobs/{id}` for `--seconds`: once every
-`--interval` seconds, each with a random phase, or with `--interval 0` one request after
-another as fast as the server answers (closed loop, to show saturation). A request that gets
-no answer within `--timeout` seconds counts as a timeout, at that latency.
+have written so far (the job running, a verdict for every example, one chunk done and counted
+into the job). No worker runs. Then `--clients` clients, each on its own connection, poll
+`GET /v1/jobs/{id}` for `--seconds`: once every `--interval` seconds, each with a random phase,
+or with `--interval 0` one request after another as fast as the server answers (closed loop, to
+show saturation). A request that gets no answer within `--timeout` seconds counts as a
+timeout, at that latency.
 
 PostgreSQL: KMA_DATABASE_URL when set, else the machine's on 127.0.0.1:5432 (a fresh
 `kma_bench_*` database, dropped at the end), else an embedded one. Redis: KMA_BROKER_URL when
@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from app.db import make_engine  # noqa: E402
 from app.jobs import lifecycle  # noqa: E402
+from app.jobs.repository import count_chunk  # noqa: E402
 from app.models import Chunk, ChunkStatus, Job, utcnow  # noqa: E402
 from app.queue import WORK, WORK_QUEUE  # noqa: E402
 from app.workspaces.service import create_key  # noqa: E402
@@ -70,8 +71,8 @@ def build_dataset(path: Path, examples: int) -> None:
 
 
 def running_job(client: httpx.Client, database_url: str, broker_url: str, dataset_id: str) -> str:
-    """A job submitted over HTTP, then running with a verdict for every example, as a worker
-    would have left it."""
+    """A job submitted over HTTP, then running with a verdict for every example and its
+    counters, as a worker would have left it."""
     response = client.post("/v1/jobs", json={"dataset_id": dataset_id, "student": STUDENT})
     if response.status_code != 202:
         raise RuntimeError(f"job submission answered {response.status_code}: {response.text}")
@@ -82,13 +83,12 @@ def running_job(client: httpx.Client, database_url: str, broker_url: str, datase
         with Session(engine) as session:
             job = session.get_one(Job, job_id)
             lifecycle.start(job)
-            session.add(
-                Chunk(
-                    job_id=job.id, index=0, start=0, stop=job.total, status=ChunkStatus.DONE,
-                    attempts=1, failures=0, generations=17 * job.total, cached_generations=0,
-                    engine_calls=2, engine_seconds=1.0, seconds=2.0, finished_at=utcnow(),
-                )
+            chunk = Chunk(
+                job_id=job.id, index=0, start=0, stop=job.total, status=ChunkStatus.DONE,
+                attempts=1, failures=0, generations=17 * job.total, cached_generations=0,
+                engine_calls=2, engine_seconds=1.0, seconds=2.0, finished_at=utcnow(),
             )  # fmt: skip
+            session.add(chunk)
             session.execute(
                 text(
                     "INSERT INTO verdict (job_id, position, category, flagged, conflict, audit, "
@@ -98,6 +98,7 @@ def running_job(client: httpx.Client, database_url: str, broker_url: str, datase
                 ),
                 {"job_id": job.id, "categories": list(CATEGORIES), "total": job.total},
             )
+            count_chunk(session, chunk)
             session.commit()
             session.execute(text("ANALYZE verdict"))
             session.commit()

@@ -147,12 +147,13 @@ def add_verdicts(session: Session, job_id: str, audits: list[Audit]) -> None:
 
 @pytest.fixture
 def audited(client: TestClient, session: Session, dataset_id: str) -> str:
-    """A running job with verdicts for four of its five examples, as a worker writes them."""
+    """A running job with verdicts for four of its five examples, and its counters, as a worker
+    writes them."""
     job_id = submit(client, dataset_id, config={"idk_text": IDK})["id"]
     set_status(session, job_id, JobStatus.RUNNING, started_at=utcnow() - timedelta(seconds=100))
     add_verdicts(session, job_id, AUDITS)
-    session.add_all(
-        Chunk(
+    for i in range(2):
+        chunk = Chunk(
             job_id=uuid.UUID(job_id),
             index=i,
             start=i * 3,
@@ -160,8 +161,8 @@ def audited(client: TestClient, session: Session, dataset_id: str) -> str:
             generations=30 + i,
             cached_generations=i,
         )
-        for i in range(2)
-    )
+        session.add(chunk)
+        jobs_repository.count_chunk(session, chunk)
     session.commit()
     return job_id
 

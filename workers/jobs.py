@@ -29,6 +29,7 @@ from app.audit.schemas import AuditConfig
 from app.datasets import service as datasets_service
 from app.datasets.domain import Example, parse_record
 from app.jobs import lifecycle
+from app.jobs.repository import count_chunk
 from app.jobs.service import build_report
 from app.logs import job_logging
 from app.models import Chunk, ChunkStatus, Job, JobStatus, utcnow
@@ -241,7 +242,7 @@ def run_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
         )
 
     with worker.sessions.begin() as session:
-        status = repository.share_job_status(session, chunk.job_id)
+        status = repository.lock_job_status(session, chunk.job_id)
         if status != JobStatus.RUNNING:
             raise Stopped(f"the job is {status.value if status else 'gone'}")
         row = session.get(Chunk, (chunk.job_id, chunk.index), with_for_update=True)
@@ -272,6 +273,7 @@ def run_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
         row.engine_seconds = result.stats.engine_seconds
         row.seconds = time.monotonic() - started
         row.finished_at = utcnow()
+        count_chunk(session, row)
 
 
 def load_engine(worker: Worker, student: dict[str, Any]) -> Engine:

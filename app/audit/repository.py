@@ -22,10 +22,14 @@ def lock_job(session: Session, job_id: uuid.UUID) -> Job | None:
     return session.get(Job, job_id, with_for_update=True)
 
 
-def share_job_status(session: Session, job_id: uuid.UUID) -> JobStatus | None:
-    """The job's status, its row locked FOR SHARE: a cancel (FOR UPDATE) waits for the
-    transaction, so nothing it writes can land after the cancel commits."""
-    return session.scalar(select(Job.status).where(Job.id == job_id).with_for_update(read=True))
+def lock_job_status(session: Session, job_id: uuid.UUID) -> JobStatus | None:
+    """The job's status, its row locked FOR NO KEY UPDATE: a cancel (FOR UPDATE) waits for the
+    transaction, so nothing it writes can land after the cancel commits; and a transaction that
+    updates the job's counters holds the lock it needs from the start (two holding FOR SHARE,
+    then both updating, would deadlock)."""
+    return session.scalar(
+        select(Job.status).where(Job.id == job_id).with_for_update(key_share=True)
+    )
 
 
 def job_status(session: Session, job_id: uuid.UUID) -> JobStatus | None:

@@ -1,4 +1,4 @@
-"""Job queries: the jobs, their verdict and generation counts, their examples."""
+"""Job queries: the jobs, their progress counters and verdict tallies, their examples."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Integer, and_, func, select, tuple_
+from sqlalchemy import Integer, and_, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from app.audit.domain import VerdictTally
@@ -47,31 +47,51 @@ def list_jobs(
     return session.scalars(query).all()
 
 
-def verdict_counts(
-    session: Session, job_ids: Sequence[uuid.UUID]
-) -> dict[uuid.UUID, list[tuple[str, bool, int]]]:
-    """Per job: (category, flagged, count) for each combination that has verdicts."""
-    rows = session.execute(
-        select(Verdict.job_id, Verdict.category, Verdict.flagged, func.count())
-        .where(Verdict.job_id.in_(job_ids))
-        .group_by(Verdict.job_id, Verdict.category, Verdict.flagged)
-    )
-    counts: dict[uuid.UUID, list[tuple[str, bool, int]]] = {}
-    for job_id, category, flagged, n in rows:
-        counts.setdefault(job_id, []).append((category, flagged, n))
-    return counts
+CATEGORY_COUNTERS: dict[Category, str] = {
+    Category.HIGHLY_KNOWN: "highly_known",
+    Category.MAYBE_KNOWN: "maybe_known",
+    Category.WEAKLY_KNOWN: "weakly_known",
+    Category.UNKNOWN: "unknown",
+}
+"""The job's column that counts each category's verdicts."""
 
 
-def generation_totals(
-    session: Session, job_ids: Sequence[uuid.UUID]
-) -> dict[uuid.UUID, tuple[int, int]]:
-    """Per job: (new, cached) completions summed over its chunks."""
-    rows = session.execute(
-        select(Chunk.job_id, func.sum(Chunk.generations), func.sum(Chunk.cached_generations))
-        .where(Chunk.job_id.in_(job_ids))
-        .group_by(Chunk.job_id)
+def count_chunk(session: Session, chunk: Chunk) -> None:
+    """Add a finished chunk's verdicts (per category, flagged) and generations to its job's
+    counters, which polls read instead of counting verdicts.
+
+    Call it once per chunk, in the transaction that writes the chunk's verdicts and marks it
+    done, after both: the counters then commit, or roll back, with the verdicts.
+    """
+    counts = (
+        session.execute(
+            select(
+                func.count().label("done"),
+                func.count().filter(Verdict.flagged).label("flagged"),
+                *(
+                    func.count().filter(Verdict.category == category.value).label(column)
+                    for category, column in CATEGORY_COUNTERS.items()
+                ),
+            ).where(
+                Verdict.job_id == chunk.job_id,
+                Verdict.position >= chunk.start,
+                Verdict.position < chunk.stop,
+            )
+        )
+        .mappings()
+        .one()
     )
-    return {job_id: (int(new), int(cached)) for job_id, new, cached in rows}
+    session.execute(
+        update(Job)
+        .where(Job.id == chunk.job_id)
+        .values(
+            {
+                **{column: getattr(Job, column) + n for column, n in counts.items()},
+                "generations": Job.generations + chunk.generations,
+                "cached_generations": Job.cached_generations + chunk.cached_generations,
+            }
+        )
+    )
 
 
 def verdict_tallies(session: Session, job: Job) -> list[VerdictTally]:

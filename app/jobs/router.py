@@ -94,7 +94,8 @@ def list_jobs(
 
 @router.get("/{job_id}", summary="Get a job", responses=NOT_FOUND)
 def get_job(session: SessionDep, workspace: WorkspaceDep, job_id: uuid.UUID) -> JobRead:
-    """The job's status, progress (counted from its verdicts), generations and time left."""
+    """The job's status, progress (its verdicts so far, per category), generations and time
+    left."""
     return service.get_job(session, workspace.id, job_id)
 
 

@@ -66,12 +66,12 @@ def _get(
     return job
 
 
-def _eta_seconds(job: Job, done: int, now: datetime) -> float | None:
+def _eta_seconds(job: Job, now: datetime) -> float | None:
     """Time left at the pace so far; unknown until the job runs and has a verdict."""
-    if job.status != JobStatus.RUNNING or job.started_at is None or done == 0:
+    if job.status != JobStatus.RUNNING or job.started_at is None or job.done == 0:
         return None
     elapsed = (now - job.started_at).total_seconds()
-    return round(elapsed / done * max(job.total - done, 0), 1)
+    return round(elapsed / job.done * max(job.total - job.done, 0), 1)
 
 
 def _links(session: Session, job: Job) -> JobLinks:
@@ -89,41 +89,35 @@ def _links(session: Session, job: Job) -> JobLinks:
 
 
 def _read_many(session: Session, jobs: Sequence[Job]) -> list[JobRead]:
-    """The jobs as polled: three queries whatever their number."""
-    ids = [job.id for job in jobs]
-    counts = repository.verdict_counts(session, ids)
-    generations = repository.generation_totals(session, ids)
+    """The jobs as polled, from their rows alone: the workers keep their counters."""
     now = utcnow()
-    reads = []
-    for job in jobs:
-        categories = dict.fromkeys(Category, 0)
-        flagged = 0
-        for category, is_flagged, n in counts.get(job.id, []):
-            categories[Category(category)] += n
-            flagged += n if is_flagged else 0
-        done = sum(categories.values())
-        new, cached = generations.get(job.id, (0, 0))
-        reads.append(
-            JobRead(
-                id=job.id,
-                dataset_id=job.dataset_id,
-                status=job.status,
-                student=Student.model_validate(job.student),
-                config=AuditConfig.model_validate(job.config),
-                webhook_url=job.webhook_url,
-                progress=Progress(
-                    total=job.total, done=done, categories=categories, flagged=flagged
-                ),
-                generations=GenerationCounts(new=new, cached=cached),
-                eta_seconds=_eta_seconds(job, done, now),
-                error=job.error,
-                created_at=job.created_at,
-                started_at=job.started_at,
-                finished_at=job.finished_at,
-                links=_links(session, job),
-            )
+    return [
+        JobRead(
+            id=job.id,
+            dataset_id=job.dataset_id,
+            status=job.status,
+            student=Student.model_validate(job.student),
+            config=AuditConfig.model_validate(job.config),
+            webhook_url=job.webhook_url,
+            progress=Progress(
+                total=job.total,
+                done=job.done,
+                categories={
+                    category: getattr(job, column)
+                    for category, column in repository.CATEGORY_COUNTERS.items()
+                },
+                flagged=job.flagged,
+            ),
+            generations=GenerationCounts(new=job.generations, cached=job.cached_generations),
+            eta_seconds=_eta_seconds(job, now),
+            error=job.error,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            links=_links(session, job),
         )
-    return reads
+        for job in jobs
+    ]
 
 
 def _read(session: Session, job: Job) -> JobRead:
@@ -371,15 +365,14 @@ def build_report(session: Session, job: Job) -> Report:
     or failed job's report covers the examples audited before it stopped.
     """
     counts = summarize_tallies(repository.verdict_tallies(session, job))
-    new, cached = repository.generation_totals(session, [job.id]).get(job.id, (0, 0))
     config = AuditConfig.model_validate(job.config)
     ended = job.finished_at or utcnow()
     return Report(
         **counts.model_dump(),
         partial=job.status != JobStatus.SUCCEEDED,
         total=job.total,
-        generations=new,
-        generations_cached=cached,
+        generations=job.generations,
+        generations_cached=job.cached_generations,
         mode=config.mode,
         student=Student.model_validate(job.student),
         config=config,
