@@ -16,14 +16,16 @@ PostgreSQL: KMA_DATABASE_URL when set, else the machine's on 127.0.0.1:5432 (a f
 `kma_bench_*` database, dropped at the end), else an embedded one. Redis: KMA_BROKER_URL when
 set, else db 7 of the machine's, else an embedded one; the job's work hint is taken back off the
 queue. Other KMA_* settings (the pool sizes, timeouts) reach the API from the environment.
-Prints the latency percentiles, requests/s and the answers by status; the last line of stdout
-is the result as JSON.
+Prints the latency percentiles, requests/s, the answers by status and the CPU time per request
+of the API and of PostgreSQL (which the load of other work on the machine does not change as it
+changes latency); the last line of stdout is the result as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -37,8 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil  # type: ignore[import-untyped]
 import redis
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 from sqlalchemy.orm import Session
 
 REPO = Path(__file__).resolve().parent.parent
@@ -189,6 +192,34 @@ async def poll_all(
     return total, time.perf_counter() - started
 
 
+def processes_of(api_pid: int, database_url: str) -> dict[str, list[psutil.Process]]:
+    """The API's processes (with `--workers`, its children too) and PostgreSQL's backends
+    serving the benchmark's database (their titles name it; none for a remote server)."""
+    api = psutil.Process(api_pid)
+    database = f" {make_url(database_url).database} "
+    backends = [
+        process
+        for process in psutil.process_iter(["cmdline"])
+        if database in " ".join(process.info["cmdline"] or []) + " "
+    ]
+    return {"api": [api, *api.children(recursive=True)], "database": backends}
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> dict[int, float]:
+    """User and system CPU seconds of each process still running, by pid."""
+    seconds = {}
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            seconds[process.pid] = times.user + times.system
+    return seconds
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds between two readings; a process that started in between counts in full."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else 0.0
@@ -209,6 +240,10 @@ class Result:
     p90_ms: float
     p99_ms: float
     max_ms: float
+    api_cpu_ms_per_request: float
+    """CPU time of the API processes per request: what the load average cannot blur."""
+    database_cpu_ms_per_request: float
+    """CPU time of PostgreSQL's backends for the benchmark's database, per request."""
     load_average_before: tuple[float, float, float]
     load_average_after: tuple[float, float, float]
     database: str
@@ -224,7 +259,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> Result:
         database_url, database_source = stack.enter_context(database(work_dir, args.keep))
         broker_url, broker_source = stack.enter_context(broker(work_dir, local_db=7))
         print(f"database: {database_source}; broker: {broker_source}", file=sys.stderr)
-        _, base_url = stack.enter_context(
+        api, base_url = stack.enter_context(
             api_process(
                 database_url,
                 broker_url,
@@ -241,6 +276,8 @@ def run(args: argparse.Namespace, work_dir: Path) -> Result:
             job = client.get(f"/v1/jobs/{job_id}").json()
             assert job["progress"]["done"] == args.examples, job
         load_before = os.getloadavg()
+        processes = processes_of(api.pid, database_url)
+        cpu_before = {role: cpu_seconds(found) for role, found in processes.items()}
         mode = f"every {args.interval} s" if args.interval else "closed loop"
         print(
             f"{args.clients} clients polling job {job_id} ({mode}) for {args.seconds} s; "
@@ -258,6 +295,8 @@ def run(args: argparse.Namespace, work_dir: Path) -> Result:
             )
         )
         load_after = os.getloadavg()
+        processes = processes_of(api.pid, database_url)
+        cpu = {role: cpu_used(cpu_before[role], cpu_seconds(processes[role])) for role in processes}
         requests = len(tally.latencies)
         return Result(
             clients=args.clients,
@@ -273,6 +312,8 @@ def run(args: argparse.Namespace, work_dir: Path) -> Result:
             p90_ms=round(percentile(tally.latencies, 90) * 1000, 1),
             p99_ms=round(percentile(tally.latencies, 99) * 1000, 1),
             max_ms=round(max(tally.latencies, default=0.0) * 1000, 1),
+            api_cpu_ms_per_request=round(cpu["api"] / max(requests, 1) * 1000, 2),
+            database_cpu_ms_per_request=round(cpu["database"] / max(requests, 1) * 1000, 2),
             load_average_before=load_before,
             load_average_after=load_after,
             database=database_source,
@@ -290,6 +331,10 @@ def table(result: Result) -> str:
         (
             "latency ms",
             f"p50 {result.p50_ms}, p90 {result.p90_ms}, p99 {result.p99_ms}, max {result.max_ms}",
+        ),
+        (
+            "CPU ms/request",
+            f"API {result.api_cpu_ms_per_request}, PostgreSQL {result.database_cpu_ms_per_request}",
         ),
         (
             "load average",
