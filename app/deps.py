@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Annotated, TypeVar
 
-from fastapi import Depends
+from fastapi import Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.db import session_scope
 from app.errors import TooManyRequests, Unauthorized
@@ -16,19 +19,38 @@ from app.ratelimit import rate_limiter
 from app.settings import Settings, get_settings
 from app.workspaces import service as workspaces
 
+T = TypeVar("T")
+
+
+def overridden(app: FastAPI, dependency: Callable[..., T]) -> Callable[..., T]:
+    """The dependency as the app's routes get it (its override, in tests), for code that runs
+    outside injection: middleware."""
+    return app.dependency_overrides.get(dependency, dependency)
+
+
+async def request_settings(request: Request) -> Settings:
+    """`get_settings()`, or its override. A coroutine: FastAPI would run a plain function in a
+    worker thread, a hop that costs more than reading the settings."""
+    return overridden(request.app, get_settings)()
+
+
 SessionDep = Annotated[Session, Depends(session_scope)]
 QueueDep = Annotated[Queue, Depends(get_queue)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(request_settings)]
 
 bearer = HTTPBearer(auto_error=False, description="An API key: `kma keys create`.")
+CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+UPLOAD_WORKSPACE = "upload_workspace"
+"""Where in a request's state `app.main.UploadGuard` leaves the workspace it authenticated."""
 
 
-def current_workspace(
-    session: SessionDep,
-    settings: SettingsDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+def authorize(
+    session: Session, settings: Settings, credentials: HTTPAuthorizationCredentials | None
 ) -> Workspace:
-    """The workspace of the request's API key, counted against the key's rate limit."""
+    """The workspace of the request's API key, counted against the key's rate limit; 401 for
+    no key (unless anonymous requests are allowed) or an unknown or revoked one, 429 past the
+    limit."""
     if credentials is None:
         if settings.allow_anonymous:
             return workspaces.anonymous_workspace(session)
@@ -36,16 +58,41 @@ def current_workspace(
     found = workspaces.authenticate(session, credentials.credentials)
     if found is None:
         raise Unauthorized("the API key is unknown or revoked")
-    key, workspace = found
+    key_id, workspace = found
     if settings.broker_url:
         limiter = rate_limiter(settings.broker_url, settings.rate_limit_per_minute)
-        wait = limiter.wait_seconds(str(key.id))
+        wait = limiter.wait_seconds(str(key_id))
         if wait is not None:
             raise TooManyRequests(
                 f"more than {settings.rate_limit_per_minute} requests a minute with this key",
                 {"Retry-After": str(wait)},
             )
     return workspace
+
+
+async def authorize_early(request: Request) -> Workspace:
+    """`authorize` a request before its route runs (in middleware), with the settings and the
+    session its route would get."""
+    credentials = await bearer(request)
+    settings = overridden(request.app, get_settings)()
+    return await run_in_threadpool(_authorize_in_session, request.app, settings, credentials)
+
+
+def _authorize_in_session(
+    app: FastAPI, settings: Settings, credentials: HTTPAuthorizationCredentials | None
+) -> Workspace:
+    with contextmanager(overridden(app, session_scope))() as session:
+        workspace = authorize(session, settings, credentials)
+        session.commit()  # the default workspace, if an anonymous request made it
+    return workspace
+
+
+def current_workspace(
+    request: Request, session: SessionDep, settings: SettingsDep, credentials: CredentialsDep
+) -> Workspace:
+    """Who the request acts for (`authorize`); an upload's was found before its body was read."""
+    uploader: Workspace | None = getattr(request.state, UPLOAD_WORKSPACE, None)
+    return uploader or authorize(session, settings, credentials)
 
 
 WorkspaceDep = Annotated[Workspace, Depends(current_workspace)]

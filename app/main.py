@@ -22,12 +22,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.datasets.domain import DatasetError
 from app.datasets.router import router as datasets_router
-from app.deps import SessionDep, SettingsDep
+from app.deps import UPLOAD_WORKSPACE, SessionDep, SettingsDep, authorize_early, overridden
 from app.errors import ErrorRead, HTTPError
 from app.jobs.router import router as jobs_router
 from app.logs import job_logging
 from app.metrics import router as metrics_router
-from app.settings import Settings, get_settings
+from app.settings import get_settings
 from app.students.router import router as students_router
 from app.workspaces.router import router as workspace_router
 
@@ -163,25 +163,28 @@ def create_app() -> FastAPI:
     app.include_router(students_router, prefix="/v1")
     app.include_router(health)
     app.include_router(metrics_router)
+    app.add_middleware(UploadGuard)  # within RequestSlots: it may take a database connection
     app.add_middleware(
         RequestSlots,
         slots=settings.db_pool_size + settings.db_max_overflow,
         wait_seconds=settings.db_pool_timeout_seconds,
     )
     app.add_middleware(JobLogging)
-    app.add_middleware(UploadLimit)
     return app
 
 
 UPLOAD_PATH = "/v1/datasets"
 
 
-class UploadLimit:
-    """An upload whose body passes `max_upload_bytes` answers 413, and nothing is stored.
+class UploadGuard:
+    """An upload is refused before any of its body is read when its key is missing, unknown,
+    revoked or over its rate limit (401, 429); its body is held to `max_upload_bytes` (413).
 
-    A middleware, because the form is parsed (its file spooled to disk) before any route or
-    dependency runs. A Content-Length over the limit is refused before reading; a body that
-    declares none, or more than it said, is stopped as soon as the bytes counted pass it.
+    A middleware, because FastAPI parses the form (spooling its file to disk) before any
+    dependency runs. The key is checked by `app.deps.authorize_early`, the check every route
+    makes, and the workspace it finds is left to the route (counted once). A Content-Length
+    over the limit is refused before reading; a body that declares none, or more than it said,
+    is stopped as soon as the bytes counted pass the limit.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -191,10 +194,17 @@ class UploadLimit:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != UPLOAD_PATH:
             await self.app(scope, receive, send)
             return
-        # The settings the routes get, overrides included (middleware is outside injection).
-        overrides = scope["app"].dependency_overrides
-        settings: Settings = overrides.get(get_settings, get_settings)()
-        limit = settings.max_upload_bytes
+        request = Request(scope)
+        try:
+            workspace = await authorize_early(request)
+        except HTTPError as exc:
+            await http_error(request, exc)(scope, receive, send)
+            return
+        except (sqlalchemy_errors.TimeoutError, sqlalchemy_errors.OperationalError) as exc:
+            await database_unavailable(request, exc)(scope, receive, send)
+            return
+        scope.setdefault("state", {})[UPLOAD_WORKSPACE] = workspace
+        limit = overridden(request.app, get_settings)().max_upload_bytes
         detail = f"the upload is larger than {limit} bytes, the most this server takes"
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > limit:

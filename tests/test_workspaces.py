@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -285,3 +286,81 @@ def test_kma_keys_create_list_revoke(database_url: str, tmp_path: Path) -> None:
     assert revoked.returncode == 0, revoked.stderr
     assert "revoked" in next(ln for ln in kma("list").stdout.splitlines() if key[:10] in ln)
     assert kma("revoke", "kma_nothing").returncode == 2
+
+
+async def post_upload(
+    app: FastAPI, key: str | None, body: bytes | None = None, declared: int | None = None
+) -> tuple[int, int]:
+    """POST /v1/datasets straight to the app: `body`, or an endless stream of bytes when None,
+    with `declared` as its Content-Length if given. The status answered and the bytes read."""
+    read = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal read
+        chunk = (body if body is not None else b"x" * 65536)[read:][:65536]
+        read += len(chunk)
+        more = body is None or read < len(body)
+        return {"type": "http.request", "body": chunk, "more_body": more}
+
+    statuses: list[int] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    headers = [(b"content-type", b"multipart/form-data; boundary=kma")]
+    if declared is not None:
+        headers.append((b"content-length", str(declared).encode()))
+    if key is not None:
+        headers.append((b"authorization", f"Bearer {key}".encode()))
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/datasets",
+        "raw_path": b"/v1/datasets",
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    await app(scope, receive, send)  # type: ignore[arg-type]
+    return statuses[0], read
+
+
+def test_an_upload_is_refused_before_its_body_is_read(
+    api: FastAPI,
+    session: Session,
+    keys: tuple[str, str],
+    broker_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    api.dependency_overrides[get_settings] = lambda: Settings(
+        broker_url=broker_url, rate_limit_per_minute=2, max_upload_bytes=1 << 20
+    )
+    monkeypatch.setattr("app.ratelimit.time.time", lambda: 1_800_000_030.0)  # one window
+    red, blue = keys
+    workspaces.revoke_key(session, red[:10])
+    session.commit()
+    before = counts(session)
+    for key in (None, "kma_not-a-key", red):
+        assert anyio.run(post_upload, api, key) == (401, 0)
+        assert anyio.run(post_upload, api, key, None, 1 << 40) == (401, 0)
+    with make_client(api, blue) as client:
+        assert client.get("/v1/jobs").status_code == 200
+    assert anyio.run(post_upload, api, blue, None, 1 << 40) == (413, 0)  # the second request
+    assert anyio.run(post_upload, api, blue) == (429, 0)
+    assert counts(session) == before
+
+
+def test_an_upload_with_a_good_key_is_read_whole(
+    api: FastAPI, session: Session, keys: tuple[str, str]
+) -> None:
+    part = b'--kma\r\nContent-Disposition: form-data; name="file"; filename="t.jsonl"\r\n\r\n'
+    body = part + JSONL + b"\r\n--kma--\r\n"
+    before = counts(session)
+    assert anyio.run(post_upload, api, keys[0], body) == (201, len(body))
+    assert counts(session)[0] == before[0] + 1

@@ -6,13 +6,12 @@ import logging
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query
+from fastapi import APIRouter, Header, Query
 from fastapi.responses import HTMLResponse, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials
 
 from app.audit.domain import ExportPolicy
 from app.audit.schemas import Category, Report
-from app.deps import QueueDep, SessionDep, SettingsDep, WorkspaceDep, bearer, current_workspace
+from app.deps import CredentialsDep, QueueDep, SessionDep, SettingsDep, WorkspaceDep, authorize
 from app.errors import AUTH, NOT_FOUND, ErrorRead, Responses
 from app.jobs import service
 from app.jobs.schemas import ConflictPage, ExamplePage, JobCreate, JobPage, JobRead
@@ -66,7 +65,7 @@ def create_job(
     is not a public http(s) address (`webhook_url`). A stored job always starts, even when the
     broker is down as it is submitted: workers find it then.
     """
-    job, created = service.create_job(session, workspace.id, job_create, settings, idempotency_key)
+    job, created = service.create_job(session, workspace, job_create, settings, idempotency_key)
     session.commit()
     if created:
         wake_workers(queue)
@@ -89,14 +88,14 @@ def list_jobs(
     limit: Limit = 50,
 ) -> JobPage:
     """Jobs, newest first, optionally of one status."""
-    return service.list_jobs(session, workspace.id, status, cursor, limit)
+    return service.list_jobs(session, workspace, status, cursor, limit)
 
 
 @router.get("/{job_id}", summary="Get a job", responses=NOT_FOUND)
 def get_job(session: SessionDep, workspace: WorkspaceDep, job_id: uuid.UUID) -> JobRead:
     """The job's status, progress (its verdicts so far, per category), generations and time
     left."""
-    return service.get_job(session, workspace.id, job_id)
+    return service.get_job(session, workspace, job_id)
 
 
 @router.post(
@@ -108,7 +107,7 @@ def cancel_job(
     session: SessionDep, workspace: WorkspaceDep, queue: QueueDep, job_id: uuid.UUID
 ) -> JobRead:
     """Stop a queued or running job. The verdicts written so far stay readable and exportable."""
-    job = service.cancel_job(session, workspace.id, job_id)
+    job = service.cancel_job(session, workspace, job_id)
     session.commit()
     if job.webhook_url:
         try:
@@ -223,7 +222,7 @@ def get_report_page(
     session: SessionDep,
     settings: SettingsDep,
     job_id: uuid.UUID,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    credentials: CredentialsDep,
     access: Annotated[
         str | None,
         Query(
@@ -236,5 +235,5 @@ def get_report_page(
     """The report for people: category and per-group charts, conflicts, flagged examples."""
     if credentials is None and access is not None:
         return HTMLResponse(service.get_report_page_by_link(session, job_id, access))
-    workspace = current_workspace(session, settings, credentials)
-    return HTMLResponse(service.get_report_page(session, workspace.id, job_id))
+    workspace = authorize(session, settings, credentials)
+    return HTMLResponse(service.get_report_page(session, workspace, job_id))

@@ -74,9 +74,9 @@ def _eta_seconds(job: Job, now: datetime) -> float | None:
     return round(elapsed / job.done * max(job.total - job.done, 0), 1)
 
 
-def _links(session: Session, job: Job) -> JobLinks:
+def _links(job: Job, secret: str) -> JobLinks:
+    """The job's addresses; the report page's is signed with `secret`, its workspace's."""
     path = f"/v1/jobs/{job.id}"
-    secret = session.get_one(Workspace, job.workspace_id).webhook_secret
     access = page_link_token(secret, job.id, time.time())
     return JobLinks(
         self_=path,
@@ -88,8 +88,9 @@ def _links(session: Session, job: Job) -> JobLinks:
     )
 
 
-def _read_many(session: Session, jobs: Sequence[Job]) -> list[JobRead]:
-    """The jobs as polled, from their rows alone: the workers keep their counters."""
+def _read_many(jobs: Sequence[Job], secret: str) -> list[JobRead]:
+    """The jobs of one workspace (whose secret signs their links) as polled: from their rows
+    alone, whose counters the workers keep."""
     now = utcnow()
     return [
         JobRead(
@@ -114,19 +115,19 @@ def _read_many(session: Session, jobs: Sequence[Job]) -> list[JobRead]:
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
-            links=_links(session, job),
+            links=_links(job, secret),
         )
         for job in jobs
     ]
 
 
-def _read(session: Session, job: Job) -> JobRead:
-    return _read_many(session, [job])[0]
+def _read(job: Job, secret: str) -> JobRead:
+    return _read_many([job], secret)[0]
 
 
 def create_job(
     session: Session,
-    workspace_id: uuid.UUID,
+    workspace: Workspace,
     job_create: JobCreate,
     settings: Settings,
     idempotency_key: str | None = None,
@@ -145,10 +146,10 @@ def create_job(
             check_url(str(job_create.webhook_url), settings.webhook_allow_networks)
         except WebhookRefused as exc:
             raise InvalidField(["webhook_url"], f"webhook_url {exc}") from exc
-    dataset = datasets_service.get_dataset(session, workspace_id, job_create.dataset_id)
+    dataset = datasets_service.get_dataset(session, workspace.id, job_create.dataset_id)
     _check_generations(job_create.config, dataset.num_examples, settings.max_generations_per_job)
     job = Job(
-        workspace_id=workspace_id,
+        workspace_id=workspace.id,
         dataset_id=dataset.id,
         status=JobStatus.QUEUED,
         student=student.spec(job_create.student),
@@ -158,14 +159,14 @@ def create_job(
         idempotency_key=idempotency_key,
     )
     if idempotency_key is not None:
-        existing = repository.get_job_by_idempotency_key(session, workspace_id, idempotency_key)
+        existing = repository.get_job_by_idempotency_key(session, workspace.id, idempotency_key)
         if existing is None:
             try:
                 with session.begin_nested():
                     session.add(job)
             except IntegrityError:  # the same key, submitted at the same moment
                 existing = repository.get_job_by_idempotency_key(
-                    session, workspace_id, idempotency_key
+                    session, workspace.id, idempotency_key
                 )
         if existing is not None:
             if _submission(existing) != _submission(job):
@@ -173,10 +174,10 @@ def create_job(
                     f"Idempotency-Key {idempotency_key!r} was used for another submission "
                     f"(job {existing.id})"
                 )
-            return _read(session, existing), False
+            return _read(existing, workspace.webhook_secret), False
     session.add(job)
     session.flush()
-    return _read(session, job), True
+    return _read(job, workspace.webhook_secret), True
 
 
 def _check_generations(config: AuditConfig, examples: int, limit: int) -> None:
@@ -195,13 +196,13 @@ def _submission(job: Job) -> tuple[Any, ...]:
     return job.dataset_id, job.student, job.config, job.webhook_url
 
 
-def get_job(session: Session, workspace_id: uuid.UUID, job_id: uuid.UUID) -> JobRead:
-    return _read(session, _get(session, workspace_id, job_id))
+def get_job(session: Session, workspace: Workspace, job_id: uuid.UUID) -> JobRead:
+    return _read(_get(session, workspace.id, job_id), workspace.webhook_secret)
 
 
 def list_jobs(
     session: Session,
-    workspace_id: uuid.UUID,
+    workspace: Workspace,
     status: JobStatus | None,
     cursor: uuid.UUID | None,
     limit: int,
@@ -209,12 +210,12 @@ def list_jobs(
     after = None
     if cursor is not None:
         after = repository.get_job(session, cursor)
-        if after is None or after.workspace_id != workspace_id:
+        if after is None or after.workspace_id != workspace.id:
             raise Unprocessable(f"cursor {cursor} names no job")
-    jobs = repository.list_jobs(session, workspace_id, status, after, limit + 1)
+    jobs = repository.list_jobs(session, workspace.id, status, after, limit + 1)
     page = jobs[:limit]
     next_cursor = page[-1].id if len(jobs) > limit else None
-    return JobPage(items=_read_many(session, page), next_cursor=next_cursor)
+    return JobPage(items=_read_many(page, workspace.webhook_secret), next_cursor=next_cursor)
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,7 @@ def webhook_of(session: Session, job_id: uuid.UUID) -> Webhook | None:
     if job is None or not job.webhook_url:
         return None
     workspace = session.get_one(Workspace, job.workspace_id)
-    body = _read(session, job).model_dump_json().encode()
+    body = _read(job, workspace.webhook_secret).model_dump_json().encode()
     return Webhook(job.webhook_url, body, workspace.webhook_secret)
 
 
@@ -246,12 +247,12 @@ def delete_job(session: Session, workspace_id: uuid.UUID, job_id: uuid.UUID) -> 
     session.delete(job)
 
 
-def cancel_job(session: Session, workspace_id: uuid.UUID, job_id: uuid.UUID) -> JobRead:
+def cancel_job(session: Session, workspace: Workspace, job_id: uuid.UUID) -> JobRead:
     """Stop a queued or running job; workers see the status and do no more of it."""
-    job = _get(session, workspace_id, job_id, lock=True)
+    job = _get(session, workspace.id, job_id, lock=True)
     lifecycle.cancel(job)
     session.flush()
-    return _read(session, job)
+    return _read(job, workspace.webhook_secret)
 
 
 def list_examples(
@@ -396,11 +397,11 @@ def get_report(session: Session, workspace_id: uuid.UUID, job_id: uuid.UUID) -> 
     return _report(session, _get(session, workspace_id, job_id))
 
 
-def get_report_page(session: Session, workspace_id: uuid.UUID, job_id: uuid.UUID) -> str:
+def get_report_page(session: Session, workspace: Workspace, job_id: uuid.UUID) -> str:
     """The report as an HTML page, with the first flagged examples and conflicts."""
-    job = _get(session, workspace_id, job_id)
+    job = _get(session, workspace.id, job_id)
     report = _report(session, job)
-    dataset = datasets_service.get_dataset(session, workspace_id, job.dataset_id)
+    dataset = datasets_service.get_dataset(session, workspace.id, job.dataset_id)
     rows = repository.list_examples(session, job, None, True, None, REPORT_PAGE_ROWS)
     conflicts = repository.list_examples(
         session, job, None, None, None, REPORT_PAGE_CONFLICTS, conflict=True
@@ -415,7 +416,7 @@ def get_report_page(session: Session, workspace_id: uuid.UUID, job_id: uuid.UUID
         conflict_rows=[
             _conflict(dataset.format, verdict, example) for verdict, example in conflicts
         ],
-        links=_links(session, job),
+        links=_links(job, workspace.webhook_secret),
     )
     return report_page.render(page)
 
@@ -424,9 +425,9 @@ def get_report_page_by_link(session: Session, job_id: uuid.UUID, access: str) ->
     """The page for a browser, which has no key: the link's token stands for it."""
     job = repository.get_job(session, job_id)
     if job is not None:
-        secret = session.get_one(Workspace, job.workspace_id).webhook_secret
-        if page_link_opens(secret, job.id, access, time.time()):
-            return get_report_page(session, job.workspace_id, job_id)
+        workspace = session.get_one(Workspace, job.workspace_id)
+        if page_link_opens(workspace.webhook_secret, job.id, access, time.time()):
+            return get_report_page(session, workspace, job_id)
     raise NotFound(f"job {job_id} not found, or the link has expired")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 
 from sqlalchemy import or_, select
@@ -44,9 +45,74 @@ def create_key(
     return _read(key, owner), secret
 
 
-def authenticate(session: Session, secret: str) -> tuple[ApiKey, Workspace] | None:
-    """An active key and its workspace; None for an unknown or revoked key."""
-    return repository.find_active_key(session, hash_key(secret))
+KEY_CACHE_SECONDS = 5.0
+"""How long a process goes on trusting a key it found active without asking the database
+again: a key revoked elsewhere (`kma keys revoke`) is refused by every API process within
+this time; one revoked in the process itself, at once."""
+KEY_CACHE_SIZE = 10_000
+
+
+class KeyCache:
+    """The keys found active in the last `seconds`, by hash, with their workspace.
+
+    A copy of the workspace that belongs to no session, so that requests on any thread may
+    share it. Unknown keys are not kept: a new key works at once. Safe across threads: each
+    step is one operation on a dict or a set, atomic in CPython.
+    """
+
+    def __init__(self, seconds: float, size: int) -> None:
+        self.seconds = seconds
+        self.size = size
+        self._found: dict[bytes, tuple[float, uuid.UUID, Workspace]] = {}
+        self._revoked: set[bytes] = set()
+
+    def get(self, key_hash: bytes) -> tuple[uuid.UUID, Workspace] | None:
+        found = self._found.get(key_hash)
+        if found is None:
+            return None
+        expires_at, key_id, workspace = found
+        if expires_at < time.monotonic():
+            self._found.pop(key_hash, None)
+            return None
+        return key_id, workspace
+
+    def put(self, key_hash: bytes, key_id: uuid.UUID, workspace: Workspace) -> None:
+        if key_hash in self._revoked:
+            return  # a lookup that began before the revocation committed
+        if len(self._found) >= self.size:
+            self._found.clear()
+        snapshot = Workspace(
+            id=workspace.id,
+            name=workspace.name,
+            webhook_secret=workspace.webhook_secret,
+            created_at=workspace.created_at,
+        )
+        self._found[key_hash] = (time.monotonic() + self.seconds, key_id, snapshot)
+
+    def revoke(self, key_hash: bytes) -> None:
+        """Never trust the key again without asking the database (revoked keys stay revoked)."""
+        self._revoked.add(key_hash)
+        self._found.pop(key_hash, None)
+
+
+active_keys = KeyCache(KEY_CACHE_SECONDS, KEY_CACHE_SIZE)
+
+
+def authenticate(session: Session, secret: str) -> tuple[uuid.UUID, Workspace] | None:
+    """An active key's id and its workspace; None for an unknown or revoked key.
+
+    Looked up in the database at most every `KEY_CACHE_SECONDS` per key and process.
+    """
+    key_hash = hash_key(secret)
+    cached = active_keys.get(key_hash)
+    if cached is not None:
+        return cached
+    found = repository.find_active_key(session, key_hash)
+    if found is None:
+        return None
+    key, workspace = found
+    active_keys.put(key_hash, key.id, workspace)
+    return key.id, workspace
 
 
 def anonymous_workspace(session: Session) -> Workspace:
@@ -59,7 +125,8 @@ def list_keys(session: Session) -> list[KeyRead]:
 
 
 def revoke_key(session: Session, ref: str) -> KeyRead:
-    """Revoke the key whose id or shown prefix is `ref`; requests with it answer 401 at once."""
+    """Revoke the key whose id or shown prefix is `ref`; requests with it answer 401 at once in
+    this process, and within `KEY_CACHE_SECONDS` in the others."""
     match = [ApiKey.prefix == ref]
     with contextlib.suppress(ValueError):  # not an id: a prefix only
         match.append(ApiKey.id == uuid.UUID(ref))
@@ -68,6 +135,7 @@ def revoke_key(session: Session, ref: str) -> KeyRead:
         raise NotFound(f"no key is {ref!r}" if not keys else f"{ref!r} names several keys")
     key = keys[0]
     key.revoked_at = key.revoked_at or utcnow()
+    active_keys.revoke(key.key_hash)
     workspace = repository.get_workspace(session, key.workspace_id)
     assert workspace is not None
     return _read(key, workspace)
