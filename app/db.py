@@ -26,13 +26,16 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, *, statement_timeout_seconds: float = 0) -> Engine:
+def make_engine(
+    url: str, *, statement_timeout_seconds: float = 0, keep_overflow: bool = False
+) -> Engine:
     """An engine whose pool the settings size.
 
     Getting a connection, from the pool or a new one, fails after `db_pool_timeout_seconds`
     (libpq waits at least 2 s for a new one): a request on a saturated or unreachable database
     gets an error the API answers with 503, instead of holding its thread for 30 s. Statements
-    run at most `statement_timeout_seconds` (0: no limit).
+    run at most `statement_timeout_seconds` (0: no limit). With `keep_overflow`, connections
+    opened beyond `db_pool_size` are kept too, instead of being closed as they come back.
     """
     settings = get_settings()
     connect_args: dict[str, Any] = {
@@ -44,8 +47,8 @@ def make_engine(url: str, *, statement_timeout_seconds: float = 0) -> Engine:
     return create_engine(
         sqlalchemy_url(url),
         pool_pre_ping=True,  # a connection PostgreSQL closed (restarted) is replaced unseen
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_max_overflow,
+        pool_size=settings.db_pool_size + (settings.db_max_overflow if keep_overflow else 0),
+        max_overflow=0 if keep_overflow else settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_seconds,
         connect_args=connect_args,
     )
@@ -71,10 +74,18 @@ def get_sessionmaker() -> sessionmaker[Session]:
 
 @lru_cache
 def get_api_sessionmaker() -> sessionmaker[Session]:
-    """Sessions of API requests, whose statements time out (`db_statement_timeout_seconds`)."""
+    """Sessions of API requests, whose statements time out (`db_statement_timeout_seconds`).
+
+    The pool keeps its overflow: `app.main.RequestSlots` runs as many requests at once as
+    pool and overflow have connections, so under load the overflow is in use all the time, and
+    closing a connection each time one comes back, to open another a moment later, would cost
+    PostgreSQL a new process each time.
+    """
     settings = get_settings()
     engine = make_engine(
-        _database_url(), statement_timeout_seconds=settings.db_statement_timeout_seconds
+        _database_url(),
+        statement_timeout_seconds=settings.db_statement_timeout_seconds,
+        keep_overflow=True,
     )
     return sessionmaker(engine, expire_on_commit=False)
 

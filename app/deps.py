@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import contextmanager
 from typing import Annotated, TypeVar
 
@@ -34,7 +34,23 @@ async def request_settings(request: Request) -> Settings:
     return overridden(request.app, get_settings)()
 
 
-SessionDep = Annotated[Session, Depends(session_scope)]
+async def request_session(request: Request) -> AsyncIterator[Session]:
+    """The request's session, from `session_scope` (or its override), made and closed on the
+    event loop: FastAPI would take a worker thread for each. A session connects at its first
+    query and gives the connection back at commit, so only a close that has a transaction to
+    roll back (a round trip to the database) goes to a worker thread."""
+    scope = contextmanager(overridden(request.app, session_scope))()
+    session = scope.__enter__()
+    try:
+        yield session
+    finally:
+        if session.in_transaction():
+            await run_in_threadpool(scope.__exit__, None, None, None)
+        else:
+            scope.__exit__(None, None, None)
+
+
+SessionDep = Annotated[Session, Depends(request_session)]
 QueueDep = Annotated[Queue, Depends(get_queue)]
 SettingsDep = Annotated[Settings, Depends(request_settings)]
 

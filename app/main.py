@@ -268,12 +268,15 @@ class RequestSlots:
             await self.app(scope, receive, send)
             return
         try:
-            with anyio.fail_after(self.wait_seconds):
-                await self.slots.acquire()
-        except TimeoutError:
-            log.warning("%s %s answered 503: no request slot", scope["method"], scope["path"])
-            await unavailable("the API is busy; retry later")(scope, receive, send)
-            return
+            self.slots.acquire_nowait()
+        except anyio.WouldBlock:  # a timer only for those that wait: it costs more than a slot
+            try:
+                with anyio.fail_after(self.wait_seconds):
+                    await self.slots.acquire()
+            except TimeoutError:
+                log.warning("%s %s answered 503: no request slot", scope["method"], scope["path"])
+                await unavailable("the API is busy; retry later")(scope, receive, send)
+                return
         try:
             await self.app(scope, receive, send)
         finally:

@@ -16,10 +16,20 @@ from app.queue import redis_client
 log = logging.getLogger(__name__)
 
 
+COUNT = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return count
+"""
+"""Count a request in its window's counter, which expires after the window: one command, where
+a pipeline of INCR and EXPIRE takes twice the client's time."""
+
+
 class RateLimiter:
     def __init__(self, client: redis.Redis, per_minute: int) -> None:
         self.client = client
         self.per_minute = per_minute
+        self.count = client.register_script(COUNT)
 
     def wait_seconds(self, key_id: str) -> int | None:
         """Seconds until the key may ask again; None while it is under its limit.
@@ -30,10 +40,7 @@ class RateLimiter:
         now = time.time()
         counter = f"kma:rate:{key_id}:{int(now // 60)}"
         try:
-            pipe = self.client.pipeline()
-            pipe.incr(counter)
-            pipe.expire(counter, 120)
-            count = int(pipe.execute()[0])
+            count = int(self.count(keys=[counter], args=[120]))
         except redis.RedisError as exc:
             log.warning("rate limit not counted (%s)", exc)
             return None

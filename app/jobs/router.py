@@ -8,6 +8,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.audit.domain import ExportPolicy
 from app.audit.schemas import Category, Report
@@ -17,6 +20,7 @@ from app.jobs import service
 from app.jobs.schemas import ConflictPage, ExamplePage, JobCreate, JobPage, JobRead
 from app.models import JobStatus
 from app.queue import SEND_WEBHOOK, WORK, Queue, QueueUnavailable
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +96,28 @@ def list_jobs(
 
 
 @router.get("/{job_id}", summary="Get a job", responses=NOT_FOUND)
-def get_job(session: SessionDep, workspace: WorkspaceDep, job_id: uuid.UUID) -> JobRead:
+async def get_job(
+    session: SessionDep, settings: SettingsDep, credentials: CredentialsDep, job_id: uuid.UUID
+) -> JobRead:
     """The job's status, progress (its verdicts so far, per category), generations and time
     left."""
-    return service.get_job(session, workspace, job_id)
+    return await run_in_threadpool(poll_job, session, settings, credentials, job_id)
+
+
+def poll_job(
+    session: Session,
+    settings: Settings,
+    credentials: HTTPAuthorizationCredentials | None,
+    job_id: uuid.UUID,
+) -> JobRead:
+    """`get_job` on one worker thread: the key, the job, and the end of the read transaction
+    (which gives the connection back), where a plain route would take a thread for the key,
+    one for itself, one to check its answer and one to close its session. Clients poll it."""
+    try:
+        workspace = authorize(session, settings, credentials)
+        return service.get_job(session, workspace, job_id)
+    finally:
+        session.rollback()
 
 
 @router.post(
