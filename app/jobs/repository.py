@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import Integer, and_, func, select, tuple_, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from app.audit.domain import VerdictTally
 from app.audit.schemas import Category, SuggestedAction
@@ -16,8 +16,12 @@ from app.models import Chunk, Example, Job, JobStatus, Verdict
 EXPORT_BATCH = 2000
 
 
+BULKY = (defer(Job.exemplar_sets), defer(Job.report))
+"""A job's JSON that can run to megabytes, which a poll does not show: read when used."""
+
+
 def get_job(session: Session, job_id: uuid.UUID, *, lock: bool = False) -> Job | None:
-    return session.get(Job, job_id, with_for_update=lock)
+    return session.get(Job, job_id, with_for_update=lock, options=BULKY)
 
 
 def get_job_by_idempotency_key(session: Session, workspace_id: uuid.UUID, key: str) -> Job | None:
@@ -36,6 +40,7 @@ def list_jobs(
     """The workspace's jobs, newest first; `after` is the last job of the previous page."""
     query = (
         select(Job)
+        .options(*BULKY)
         .where(Job.workspace_id == workspace_id)
         .order_by(Job.created_at.desc(), Job.id.desc())
         .limit(limit)
