@@ -96,9 +96,9 @@ def session_scope() -> Iterator[Session]:
         yield session
 
 
-def migrate(url: str) -> None:
-    """Bring the database to the newest schema."""
+def migrate(url: str, revision: str = "head") -> None:
+    """Bring the database to the newest schema (or to `revision`)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
-    command.upgrade(config, "head")
+    command.upgrade(config, revision)
