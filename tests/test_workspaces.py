@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import anyio
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.db import make_engine
@@ -161,6 +162,22 @@ def test_a_revoked_key_is_refused_at_once(
     listed = {k.prefix: k for k in workspaces.list_keys(session)}
     assert listed[red_key[:10]].revoked_at is not None
     assert listed[keys[1][:10]].revoked_at is None
+
+
+def test_a_key_revoked_by_another_process_is_refused_within_seconds(
+    app_: FastAPI, session: Session, keys: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(workspaces.active_keys, "seconds", 2.0)
+    red_key = keys[0]
+    with make_client(app_, red_key) as red:
+        assert red.get("/v1/workspace").json()["name"] == "red"  # looked up, and remembered
+        session.execute(  # as `kma keys revoke` does in its own process
+            update(ApiKey).where(ApiKey.key_hash == hash_key(red_key)).values(revoked_at=func.now())
+        )
+        session.commit()
+        assert red.get("/v1/workspace").json()["name"] == "red"  # no lookup yet
+        time.sleep(2.1)
+        assert red.get("/v1/workspace").status_code == 401
 
 
 def test_keys_are_stored_hashed(session: Session, keys: tuple[str, str]) -> None:
