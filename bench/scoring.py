@@ -34,21 +34,41 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from app.audit.domain import ExemplarSets, build_prompts, draw_exemplar_sets  # noqa: E402
-from app.audit.schemas import AuditConfig  # noqa: E402
+from app.audit.schemas import AuditConfig, Matcher  # noqa: E402
 from app.datasets.domain import Example  # noqa: E402
 from workers.engines.base import GenerationRequest, GenerationResult  # noqa: E402
 from workers.runner import audit_batch  # noqa: E402
 
 WORDS = (
-    "Blemton Zorvania Quillhaven Marrow Tessaly Orbin Caldera Vintmoor Hask Pellucid Ardent "
-    "Sorrow Gallant Fenwick Yarrow Istra Dunmore Kestrel Lumen Brackwater Osric Thane"
-).split()
+    "Blemton",
+    "Zorvania",
+    "Quillhaven",
+    "Marrow",
+    "Tessaly",
+    "Orbin",
+    "Caldera",
+    "Vintmoor",
+    "Hask",
+    "Pellucid",
+    "Ardent",
+    "Sorrow",
+    "Gallant",
+    "Fenwick",
+    "Yarrow",
+    "Istra",
+    "Dunmore",
+    "Kestrel",
+    "Lumen",
+    "Brackwater",
+    "Osric",
+    "Thane",
+)
 
 
 @dataclass(frozen=True)
@@ -190,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5, help="runs per mode; the best counts")
     parser.add_argument("--modes", default="full,adaptive", help="comma-separated")
-    parser.add_argument(
-        "--matcher", default="normalized_exact", choices=["normalized_exact", "contains", "token_f1"]
-    )
+    parser.add_argument("--matcher", default="normalized_exact", choices=get_args(Matcher))
     parser.add_argument("--profile", action="store_true", help="cProfile's top 15 to stderr")
     args = parser.parse_args(argv)
     if args.examples < 1 or args.repeats < 1:
