@@ -16,11 +16,11 @@ from app.audit.domain import (
     ExemplarSets,
     Tally,
     Verdict,
+    answer_key,
     build_prompts,
     clean_answer,
     judge,
     samples_to_draw,
-    score,
 )
 from app.audit.schemas import AuditConfig
 from app.datasets.domain import Example
@@ -132,29 +132,38 @@ def audit_batch(
     results = iter(stats.call(engine, requests, call_generations, checkpoint))
     stats.greedy_generations += len(requests)
     tallies = [Tally([clean_answer(next(results).texts[0]) for _ in ps]) for ps in prompts]
+    keys = [answer_key(ex.golds, config) for ex in examples]
+    found = [key.any_match(tally.greedy) for key, tally in zip(keys, tallies, strict=True)]
 
+    unsettled = list(range(len(examples)))
     while True:
-        wanted: list[tuple[int, int]] = []
-        for i, (example, tally) in enumerate(zip(examples, tallies, strict=True)):
-            scored = score(tally, example.golds, config)
-            more = samples_to_draw(scored.greedy_ok, scored.sample_ok, tally.drawn, config)
-            if more:
-                wanted.append((i, more))
+        wanted = [
+            (i, more)
+            for i in unsettled
+            if (more := samples_to_draw(found[i], tallies[i].drawn, config))
+        ]
         if not wanted:
             break
+        options = {more: sample_options(config, more) for _, more in wanted}
         requests = [
-            GenerationRequest(p, sample_options(config, more), draw=tallies[i].drawn)
+            GenerationRequest(p, options[more], draw=tallies[i].drawn)
             for i, more in wanted
             for p in prompts[i]
         ]
         results = iter(stats.call(engine, requests, call_generations, checkpoint))
         for i, more in wanted:
+            drawn = tallies[i].drawn
             for row in tallies[i].samples:
                 texts = next(results).texts
                 if len(texts) != more:
                     raise RuntimeError(f"engine returned {len(texts)} samples, asked for {more}")
-                row.extend(clean_answer(t) for t in texts)
-                stats.sampled_generations += more
+                row.extend(map(clean_answer, texts))
+            stats.sampled_generations += more * len(prompts[i])
+            found[i] = found[i] or keys[i].any_match(
+                answer for row in tallies[i].samples for answer in row[drawn:]
+            )
+        # An example the schedule leaves out once is settled for good.
+        unsettled = [i for i, _ in wanted]
 
     verdicts = [judge(ex, t, config) for ex, t in zip(examples, tallies, strict=True)]
     return BatchResult(tallies, verdicts, stats)

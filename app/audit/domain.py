@@ -6,6 +6,8 @@ other thresholds) from its stored generations without a model.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import random
 import re
 import unicodedata
@@ -31,9 +33,25 @@ from app.datasets.domain import Example, with_answer
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
+class _PunctuationToSpaces(dict[int, int]):
+    """A `str.translate` table: Unicode punctuation (category P*) to a space, every other
+    character to itself; filled in as characters are first met."""
+
+    def __missing__(self, char: int) -> int:
+        mapped = self[char] = ord(" ") if unicodedata.category(chr(char)).startswith("P") else char
+        return mapped
+
+
+_PUNCTUATION_TO_SPACES = _PunctuationToSpaces()
+
+
+@functools.lru_cache(maxsize=1 << 16)
 def normalize(text: str) -> str:
-    """Lowercase, punctuation to spaces, drop a/an/the, collapse whitespace."""
-    text = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text.lower())
+    """Lowercase, punctuation to spaces, drop a/an/the, collapse whitespace.
+
+    Cached: an example's answers are mostly a few strings said over and over.
+    """
+    text = text.lower().translate(_PUNCTUATION_TO_SPACES)
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
@@ -42,8 +60,7 @@ def _contains(haystack: list[str], needle: list[str]) -> bool:
     return n > 0 and any(haystack[i : i + n] == needle for i in range(len(haystack) - n + 1))
 
 
-def token_f1(prediction: str, gold: str) -> float:
-    pred, ref = normalize(prediction).split(), normalize(gold).split()
+def _f1(pred: list[str], ref: list[str]) -> float:
     common = sum((Counter(pred) & Counter(ref)).values())
     if common == 0:
         return 0.0
@@ -51,25 +68,45 @@ def token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def token_f1(prediction: str, gold: str) -> float:
+    return _f1(normalize(prediction).split(), normalize(gold).split())
+
+
+class AnswerKey:
+    """One example's gold answers, normalized once, and the matcher that compares answers to
+    them."""
+
+    def __init__(self, golds: Iterable[str], matcher: Matcher, f1_threshold: float = 0.5) -> None:
+        self.matcher = matcher
+        self.f1_threshold = f1_threshold
+        self.refs = {normalize(gold) for gold in golds}
+        self.ref_words = [ref.split() for ref in self.refs]
+
+    def matches(self, prediction: str) -> bool:
+        """Whether the prediction matches any gold answer under the matcher."""
+        pred = normalize(prediction)
+        if not pred:
+            return False
+        if self.matcher == "normalized_exact":
+            return pred in self.refs
+        words = pred.split()
+        if self.matcher == "contains":
+            return any(_contains(words, ref) or _contains(ref, words) for ref in self.ref_words)
+        return any(_f1(words, ref) >= self.f1_threshold for ref in self.ref_words)
+
+    def any_match(self, predictions: Iterable[str]) -> bool:
+        return any(self.matches(p) for p in set(predictions))
+
+
+def answer_key(golds: Iterable[str], config: AuditConfig) -> AnswerKey:
+    return AnswerKey(golds, config.matcher, config.f1_threshold)
+
+
 def is_correct(
     prediction: str, golds: Iterable[str], matcher: Matcher, f1_threshold: float = 0.5
 ) -> bool:
     """Whether the prediction matches any gold answer under the matcher."""
-    pred = normalize(prediction)
-    if not pred:
-        return False
-    for gold in golds:
-        ref = normalize(gold)
-        if matcher == "normalized_exact":
-            if pred == ref:
-                return True
-        elif matcher == "contains":
-            p, r = pred.split(), ref.split()
-            if _contains(p, r) or _contains(r, p):
-                return True
-        elif token_f1(pred, ref) >= f1_threshold:
-            return True
-    return False
+    return AnswerKey(golds, matcher, f1_threshold).matches(prediction)
 
 
 # --- prompts ----------------------------------------------------------------------------------
@@ -204,10 +241,11 @@ class Tally:
 
     @property
     def generations(self) -> int:
-        return len(self.greedy) + sum(len(s) for s in self.samples)
+        return len(self.greedy) + sum(map(len, self.samples))
 
     def outputs(self) -> list[str]:
-        return self.greedy + [text for per_prompt in self.samples for text in per_prompt]
+        """Every answer: the greedy ones, then each prompt's samples."""
+        return [*self.greedy, *itertools.chain.from_iterable(self.samples)]
 
 
 def worst_case_generations(config: AuditConfig, examples: int) -> int:
@@ -234,18 +272,17 @@ def sampling_rounds(samples: int) -> list[int]:
     return rounds
 
 
-def samples_to_draw(
-    greedy_ok: Sequence[bool], sample_ok: Sequence[Sequence[bool]], drawn: int, config: AuditConfig
-) -> int:
-    """How many more samples per prompt this example needs now; 0 once its category is settled.
+def samples_to_draw(found: bool, drawn: int, config: AuditConfig) -> int:
+    """How many more samples per prompt an example needs now; 0 once its category is settled.
 
+    `found`: a correct answer is among the example's answers so far (greedy or sampled).
     Full mode draws every sample at once. Adaptive mode draws none when a greedy answer is
     correct (P0 > 0 settles the category), stops at the first correct sample (WeaklyKnown), and
     otherwise goes on round by round: only all-wrong questions are sampled to the end (Unknown).
     """
     if config.mode == "full":
         return config.samples - drawn
-    if any(greedy_ok) or any(any(row) for row in sample_ok):
+    if found:
         return 0
     for target in sampling_rounds(config.samples):
         if target > drawn:
@@ -253,35 +290,23 @@ def samples_to_draw(
     return 0
 
 
-@dataclass(frozen=True)
-class Scored:
-    greedy_ok: list[bool]
-    sample_ok: list[list[bool]]
-
-
-def score(tally: Tally, golds: Sequence[str], config: AuditConfig) -> Scored:
-    def ok(text: str) -> bool:
-        return is_correct(text, golds, config.matcher, config.f1_threshold)
-
-    return Scored([ok(t) for t in tally.greedy], [[ok(t) for t in row] for row in tally.samples])
-
-
-def student_answer(outputs: Sequence[str]) -> tuple[str, float]:
+def student_answer(counts: Mapping[str, int]) -> tuple[str, float]:
     """The student's most frequent answer (by normalized form) and the share of outputs that agree.
 
-    Ties go to the answer seen first (greedy answers come first); the surface form returned is the
+    `counts` holds how often each output was given, in the order the outputs were first seen
+    (greedy answers first). Ties go to the answer seen first; the surface form returned is the
     most common spelling of the winning normalized answer.
     """
-    if not outputs:
+    total = sum(counts.values())
+    if not total:
         return "", 0.0
-    counts = Counter(normalize(o) for o in outputs)
-    best = max(counts, key=lambda k: (counts[k], -_first_index(outputs, k)))
-    spellings = Counter(o for o in outputs if normalize(o) == best)
-    return spellings.most_common(1)[0][0], counts[best] / len(outputs)
-
-
-def _first_index(outputs: Sequence[str], norm: str) -> int:
-    return next(i for i, o in enumerate(outputs) if normalize(o) == norm)
+    by_form: dict[str, int] = {}
+    for output, count in counts.items():
+        form = normalize(output)
+        by_form[form] = by_form.get(form, 0) + count
+    best = max(by_form, key=by_form.__getitem__)
+    spelling = max((o for o in counts if normalize(o) == best), key=counts.__getitem__)
+    return spelling, by_form[best] / total
 
 
 @dataclass(frozen=True)
@@ -292,18 +317,24 @@ class Verdict:
 
 
 def judge(example: Example, tally: Tally, config: AuditConfig) -> Verdict:
-    """The example's category, the student's answer and the suggested action."""
-    scored = score(tally, example.golds, config)
-    p_greedy = sum(scored.greedy_ok) / len(scored.greedy_ok)
-    sample_flat = [ok for row in scored.sample_ok for ok in row]
-    p_sample = sum(sample_flat) / len(sample_flat) if sample_flat else None
+    """The example's category, the student's answer and the suggested action.
+
+    Each distinct output is matched once: an example's outputs are mostly a few strings.
+    """
+    key = answer_key(example.golds, config)
+    counts = Counter(tally.outputs())
+    correct = {output: key.matches(output) for output in counts}
+    greedy_correct = sum(map(correct.__getitem__, tally.greedy))
+    generations = tally.generations
+    sampled = generations - len(tally.greedy)
+    sampled_correct = sum(n for output, n in counts.items() if correct[output]) - greedy_correct
+    p_greedy = greedy_correct / len(tally.greedy)
+    p_sample = sampled_correct / sampled if sampled else None
     category = categorize(p_greedy, p_sample)
     flagged = category in config.flag_categories
-    answer, agreement = student_answer(tally.outputs())
+    answer, agreement = student_answer(counts)
     consistent = bool(normalize(answer)) and agreement >= config.student_answer_min_agreement
-    conflict = consistent and not is_correct(
-        answer, example.golds, config.matcher, config.f1_threshold
-    )
+    conflict = consistent and not correct[answer]
     if not flagged:
         action, suggested = SuggestedAction.KEEP, None
     elif consistent:
@@ -319,7 +350,7 @@ def judge(example: Example, tally: Tally, config: AuditConfig) -> Verdict:
         agreement=agreement,
         suggested_action=action,
         suggested_answer=suggested,
-        generations=tally.generations,
+        generations=generations,
     )
     return Verdict(audit, conflict)
 
@@ -330,14 +361,14 @@ def replay(example: Example, table: Tally, config: AuditConfig) -> Verdict:
     `table` holds every answer full mode would draw. This is how the schedule's promise is
     checked: adaptive mode reaches the category full mode reaches, on the same answers.
     """
+    key = answer_key(example.golds, config)
     seen = Tally(list(table.greedy))
-    while True:
-        scored = score(seen, example.golds, config)
-        more = samples_to_draw(scored.greedy_ok, scored.sample_ok, seen.drawn, config)
-        if more == 0:
-            return judge(example, seen, config)
-        upto = seen.drawn + more
+    found = key.any_match(seen.greedy)
+    while more := samples_to_draw(found, seen.drawn, config):
+        drawn, upto = seen.drawn, seen.drawn + more
         seen.samples = [row[:upto] for row in table.samples]
+        found = found or key.any_match(o for row in seen.samples for o in row[drawn:])
+    return judge(example, seen, config)
 
 
 # --- export -----------------------------------------------------------------------------------
