@@ -40,7 +40,7 @@ from typing import Any, get_args
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from app.audit.domain import ExemplarSets, build_prompts, draw_exemplar_sets  # noqa: E402
+from app.audit.domain import ExemplarSets, Prompt, build_prompts, draw_exemplar_sets  # noqa: E402
 from app.audit.schemas import AuditConfig, Matcher  # noqa: E402
 from app.datasets.domain import Example  # noqa: E402
 from workers.engines.base import GenerationRequest, GenerationResult  # noqa: E402
@@ -117,10 +117,10 @@ class TableEngine:
     """Answers each prompt from its table at once: the greedy answer, then the samples in
     order, as many as asked for."""
 
-    def __init__(self, table: dict[Any, Answers]) -> None:
+    def __init__(self, table: dict[Prompt, Answers]) -> None:
         self.model_id = "table"
         self.table = table
-        self.drawn: Counter[Any] = Counter()
+        self.drawn: dict[Prompt, int] = {}
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         results = []
@@ -129,7 +129,7 @@ class TableEngine:
             if r.options.greedy:
                 results.append(GenerationResult([answers.greedy]))
                 continue
-            start = self.drawn[r.prompt]
+            start = self.drawn.get(r.prompt, 0)
             self.drawn[r.prompt] = start + r.options.n
             results.append(GenerationResult(answers.samples[start : start + r.options.n]))
         return results
@@ -164,7 +164,7 @@ class Result:
 def run_mode(
     examples: list[Example],
     sets: ExemplarSets,
-    table: dict[Any, Answers],
+    table: dict[Prompt, Answers],
     config: AuditConfig,
     repeats: int,
     profile: bool,
@@ -229,9 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     config = AuditConfig(matcher=args.matcher)
     examples = invent_examples(args.examples, rng)
     sets = draw_exemplar_sets(examples, config)
-    table: dict[Any, Answers] = {}
-    for example in examples:
-        prompts = build_prompts(example, sets, config)
+    table: dict[Prompt, Answers] = {}
+    for example, prompts in zip(examples, build_prompts(examples, sets, config), strict=True):
         for prompt, answers in zip(prompts, invent_answers(example, config, rng), strict=True):
             if prompt in table:  # two exemplar sets that show the same shots
                 table[prompt].samples.extend(answers.samples)

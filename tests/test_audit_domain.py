@@ -125,7 +125,7 @@ def test_default_prompt_text_byte_for_byte() -> None:
         Example("3", "What is 2+2?", "4"),
     ]
     sets = draw_exemplar_sets(examples, config)
-    (prompt,) = build_prompts(examples[2], sets, config)
+    [(prompt,)] = build_prompts([examples[2]], sets, config)
     shown = [ex for ex in examples[:2]]
     # The order of exemplars is the draw's; check the exact text for that order.
     first, second = sorted(shown, key=lambda ex: prompt.index(ex.question))
@@ -146,7 +146,7 @@ def test_prompt_template_is_an_option() -> None:
         },
     )
     examples = [Example("1", "q1?", "a1"), Example("2", "q2?", "a2")]
-    (prompt,) = build_prompts(examples[1], draw_exemplar_sets(examples, config), config)
+    [(prompt,)] = build_prompts([examples[1]], draw_exemplar_sets(examples, config), config)
     assert prompt == "Question: q1?\nAnswer: a1\nQuestion: q2?\nAnswer:"
 
 
@@ -185,7 +185,7 @@ def test_prompt_template_keeps_escaped_braces() -> None:
         prompt={"exemplar": "{{Q}} {question} {{A}} {answer}\n", "query": "{{Q}} {question}"},
     )
     examples = [Example("1", "q1?", "a1"), Example("2", "q2?", "a2")]
-    (prompt,) = build_prompts(examples[1], draw_exemplar_sets(examples, config), config)
+    [(prompt,)] = build_prompts([examples[1]], draw_exemplar_sets(examples, config), config)
     assert prompt == "{Q} q1? {A} a1\n{Q} q2?"
 
 
@@ -219,8 +219,7 @@ def test_exemplar_sets_never_contain_the_question_itself() -> None:
     config = AuditConfig()
     examples = _examples({"P17": 7, "P36": 30, "tiny": 3})
     sets = draw_exemplar_sets(examples, config)
-    for example in examples:
-        prompts = build_prompts(example, sets, config)
+    for example, prompts in zip(examples, build_prompts(examples, sets, config), strict=True):
         assert len(prompts) == config.n_exemplar_sets
         for prompt in prompts:
             shown = prompt.split("\n\n")
@@ -233,7 +232,7 @@ def test_exemplars_come_from_the_same_group() -> None:
     config = AuditConfig()
     examples = _examples({"P17": 12, "P36": 12})
     sets = draw_exemplar_sets(examples, config)
-    for prompt in build_prompts(examples[0], sets, config):
+    for prompt in build_prompts(examples[:1], sets, config)[0]:
         assert prompt.count("P17 question") == config.shots + 1
         assert "P36" not in prompt
 
@@ -245,7 +244,7 @@ def test_a_group_shares_its_prefixes() -> None:
     in_a_set = {c.question for s in sets["P17"] for c in s}
     outsiders = [ex for ex in examples if ex.question not in in_a_set]
     assert len(outsiders) >= 2
-    a, b = (build_prompts(ex, sets, config) for ex in outsiders[:2])
+    a, b = build_prompts(outsiders[:2], sets, config)
     assert [p.rsplit("Q: ", 1)[0] for p in a] == [p.rsplit("Q: ", 1)[0] for p in b]
 
 
@@ -264,7 +263,7 @@ def test_a_group_smaller_than_a_set_borrows_from_the_dataset() -> None:
     examples = _examples({"big": 10, "small": 2})
     sets = draw_exemplar_sets(examples, config)
     small = examples[-1]
-    for prompt in build_prompts(small, sets, config):
+    for prompt in build_prompts([small], sets, config)[0]:
         assert prompt.count("Q: ") == config.shots + 1
 
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from app.audit.domain import (
     AnswerKey,
     ExemplarSets,
+    Prompt,
     Tally,
     Verdict,
     build_prompts,
@@ -236,11 +237,11 @@ def table_student(
     sets = draw_exemplar_sets(filler, config)
     rows = {
         prompt: (table, row)
-        for example, table in zip(examples, tables, strict=True)
-        for row, prompt in enumerate(build_prompts(example, sets, config))
+        for prompts, table in zip(build_prompts(examples, sets, config), tables, strict=True)
+        for row, prompt in enumerate(prompts)
     }
     assert len(rows) == len(examples) * config.n_exemplar_sets  # every prompt its own
-    drawn: Counter[str] = Counter()
+    drawn: Counter[Prompt] = Counter()
 
     def answer(request: GenerationRequest) -> GenerationResult:
         table, row = rows[request.prompt]

@@ -100,7 +100,6 @@ def greedy_options(config: AuditConfig) -> SamplingOptions:
         top_k=-1,
         top_p=1.0,
         max_tokens=config.max_new_tokens,
-        chat=config.chat_template,
     )
 
 
@@ -111,7 +110,6 @@ def sample_options(config: AuditConfig, n: int) -> SamplingOptions:
         top_k=config.top_k,
         top_p=config.top_p,
         max_tokens=config.max_new_tokens,
-        chat=config.chat_template,
     )
 
 
@@ -126,7 +124,7 @@ def audit_batch(
 ) -> BatchResult:
     """Generate what the schedule needs for these examples and judge each one."""
     stats = RunStats()
-    prompts = [build_prompts(ex, sets, config) for ex in examples]
+    prompts = build_prompts(examples, sets, config)
     greedy = greedy_options(config)
     requests = [GenerationRequest(p, greedy) for per_example in prompts for p in per_example]
     results = iter(stats.call(engine, requests, call_generations, checkpoint))

@@ -45,7 +45,7 @@ class _PunctuationToSpaces(dict[int, int]):
 _PUNCTUATION_TO_SPACES = _PunctuationToSpaces()
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=1 << 12)
 def normalize(text: str) -> str:
     """Lowercase, punctuation to spaces, drop a/an/the, collapse whitespace.
 
@@ -191,22 +191,65 @@ def exemplar_sets_from_json(data: Mapping[str, Any]) -> ExemplarSets:
     }
 
 
-def build_prompts(example: Example, sets: ExemplarSets, config: AuditConfig) -> list[str]:
-    """The example's few-shot prompts, one per exemplar set, never showing its own question."""
+@dataclass(frozen=True)
+class Message:
+    """One turn of a chat prompt."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+Prompt = str | tuple[Message, ...]
+"""What the student is asked: plain text it continues, or chat messages, which each engine
+renders its own way (the model's chat template, a server's chat endpoint)."""
+
+
+def build_prompts(
+    examples: Sequence[Example], sets: ExemplarSets, config: AuditConfig
+) -> list[list[Prompt]]:
+    """Each example's few-shot prompts, one per exemplar set, never showing its own question;
+    with `chat_template`, each as one user message.
+
+    A set shows its first `shots` candidates to every question of its group but those among
+    them, so that text is written once per set, not once per question.
+    """
     template = config.prompt
-    query = template.query.format(question=example.question)
-    prompts = []
-    for candidates in sets[group_key(example)]:
-        shots = [c for c in candidates if c.question != example.question][: config.shots]
-        prefix = "".join(
+
+    def written(shots: Iterable[Exemplar]) -> str:
+        return "".join(
             template.exemplar.format(question=c.question, answer=c.answer) for c in shots
         )
-        prompts.append(prefix + query)
+
+    def asked(text: str) -> Prompt:
+        return (Message("user", text),) if config.chat_template else text
+
+    # Per group, per set: the text of its first `shots` candidates, and their questions.
+    shared: dict[str, list[tuple[str, set[str]]]] = {}
+    prompts: list[list[Prompt]] = []
+    for example in examples:
+        key = group_key(example)
+        if key not in shared:
+            shared[key] = [
+                (written(s[: config.shots]), {c.question for c in s[: config.shots]})
+                for s in sets[key]
+            ]
+        question = example.question
+        query = template.query.format(question=question)
+        per_example = []
+        for candidates, (prefix, shown) in zip(sets[key], shared[key], strict=True):
+            if question in shown:
+                prefix = written([c for c in candidates if c.question != question][: config.shots])
+            per_example.append(asked(prefix + query))
+        prompts.append(per_example)
     return prompts
 
 
+@functools.lru_cache(maxsize=1 << 12)
 def clean_answer(text: str) -> str:
-    """The answer in a completion: its first line, stripped."""
+    """The answer in a completion: its first line, stripped.
+
+    Cached: an example's answers are mostly a few strings said over and over.
+    """
     return text.split("\n", 1)[0].strip()
 
 
