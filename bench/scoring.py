@@ -74,9 +74,10 @@ WORDS = (
 
 @dataclass(frozen=True)
 class Answers:
-    """What the student says to one prompt: its greedy answer and every sample, in order."""
+    """What the student says to one prompt: its greedy answer (made once, handed out as it is)
+    and every sample, in order."""
 
-    greedy: str
+    greedy: GenerationResult
     samples: list[str]
 
 
@@ -108,7 +109,7 @@ def invent_answers(example: Example, config: AuditConfig, rng: random.Random) ->
         return " " + rng.choices(wrong, weights=(7, 2, 1))[0]
 
     return [
-        Answers(say(p_greedy), [say(p_sample) for _ in range(config.samples)])
+        Answers(GenerationResult([say(p_greedy)]), [say(p_sample) for _ in range(config.samples)])
         for _ in range(config.n_exemplar_sets)
     ]
 
@@ -127,7 +128,7 @@ class TableEngine:
         for r in requests:
             answers = self.table[r.prompt]
             if r.options.greedy:
-                results.append(GenerationResult([answers.greedy]))
+                results.append(answers.greedy)
                 continue
             start = self.drawn.get(r.prompt, 0)
             self.drawn[r.prompt] = start + r.options.n

@@ -8,6 +8,7 @@ how to judge) are the pure ones in `app.audit.domain`.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -135,33 +136,35 @@ def audit_batch(
 
     unsettled = list(range(len(examples)))
     while True:
-        wanted = [
-            (i, more)
-            for i in unsettled
-            if (more := samples_to_draw(found[i], tallies[i].drawn, config))
-        ]
+        wanted: list[tuple[int, int, int]] = []  # example, samples drawn so far, more to draw
+        for i in unsettled:
+            drawn = tallies[i].drawn
+            if more := samples_to_draw(found[i], drawn, config):
+                wanted.append((i, drawn, more))
         if not wanted:
             break
-        options = {more: sample_options(config, more) for _, more in wanted}
+        options = {more: sample_options(config, more) for _, _, more in wanted}
         requests = [
-            GenerationRequest(p, options[more], draw=tallies[i].drawn)
-            for i, more in wanted
+            GenerationRequest(p, options[more], draw=drawn)
+            for i, drawn, more in wanted
             for p in prompts[i]
         ]
         results = iter(stats.call(engine, requests, call_generations, checkpoint))
-        for i, more in wanted:
-            drawn = tallies[i].drawn
-            for row in tallies[i].samples:
+        for i, drawn, more in wanted:
+            rows = tallies[i].samples
+            for row in rows:
                 texts = next(results).texts
                 if len(texts) != more:
                     raise RuntimeError(f"engine returned {len(texts)} samples, asked for {more}")
                 row.extend(map(clean_answer, texts))
-            stats.sampled_generations += more * len(prompts[i])
-            found[i] = found[i] or keys[i].any_match(
-                answer for row in tallies[i].samples for answer in row[drawn:]
-            )
+            stats.sampled_generations += more * len(rows)
+            # A correct answer only matters while there are samples left to draw.
+            if not found[i] and drawn + more < config.samples:
+                found[i] = keys[i].any_match(
+                    itertools.chain.from_iterable(row[drawn:] for row in rows)
+                )
         # An example the schedule leaves out once is settled for good.
-        unsettled = [i for i, _ in wanted]
+        unsettled = [i for i, _, _ in wanted]
 
     verdicts = [judge(ex, t, config) for ex, t in zip(examples, tallies, strict=True)]
     return BatchResult(tallies, verdicts, stats)

@@ -12,7 +12,7 @@ import random
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -286,9 +286,9 @@ class Tally:
     def generations(self) -> int:
         return len(self.greedy) + sum(map(len, self.samples))
 
-    def outputs(self) -> list[str]:
+    def outputs(self) -> Iterator[str]:
         """Every answer: the greedy ones, then each prompt's samples."""
-        return [*self.greedy, *itertools.chain.from_iterable(self.samples)]
+        return itertools.chain(self.greedy, *self.samples)
 
 
 def worst_case_generations(config: AuditConfig, examples: int) -> int:
