@@ -218,6 +218,11 @@ def test_the_openai_engine_needs_its_server(monkeypatch: pytest.MonkeyPatch) -> 
         load_engine("hf", "student", base_url=BASE_URL)
     with pytest.raises(ValueError, match="openai engine"):
         load_engine("hf", "student", api_key="secret")
+
+
+def test_an_engine_name_outside_the_list_is_refused() -> None:
+    with pytest.raises(ValueError, match="no engine is named 'tpu'; the engines: auto, hf, vllm"):
+        load_engine("tpu", "student")
     engine = load_engine("openai", "student", base_url=BASE_URL)
     assert isinstance(engine, OpenAIEngine)
     assert engine.url == f"{BASE_URL}/completions"
