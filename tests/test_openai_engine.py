@@ -222,7 +222,7 @@ def test_the_openai_engine_needs_its_server(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_an_engine_name_outside_the_list_is_refused() -> None:
     with pytest.raises(ValueError, match="no engine is named 'tpu'; the engines: auto, hf, vllm"):
-        load_engine("tpu", "student")
+        load_engine("tpu", "student")  # type: ignore[arg-type]
     engine = load_engine("openai", "student", base_url=BASE_URL)
     assert isinstance(engine, OpenAIEngine)
     assert engine.url == f"{BASE_URL}/completions"
