@@ -12,19 +12,18 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from app.audit.domain import (
+    AnswerKey,
     Tally,
     build_prompts,
     categorize,
     clean_answer,
     draw_exemplar_sets,
     export_record,
-    is_correct,
     judge,
     normalize,
     replay,
     sampling_rounds,
     student_answer,
-    token_f1,
     worst_case_generations,
 )
 from app.audit.schemas import AuditConfig, Category, SuggestedAction
@@ -74,7 +73,7 @@ def test_normalize() -> None:
     ],
 )
 def test_normalized_exact(prediction: str, golds: list[str], expected: bool) -> None:
-    assert is_correct(prediction, golds, "normalized_exact") is expected
+    assert AnswerKey(golds, AuditConfig(matcher="normalized_exact")).matches(prediction) is expected
 
 
 @pytest.mark.parametrize(
@@ -91,14 +90,18 @@ def test_normalized_exact(prediction: str, golds: list[str], expected: bool) -> 
     ],
 )
 def test_contains(prediction: str, gold: str, expected: bool) -> None:
-    assert is_correct(prediction, [gold], "contains") is expected
+    assert AnswerKey([gold], AuditConfig(matcher="contains")).matches(prediction) is expected
 
 
 def test_token_f1() -> None:
-    assert token_f1("the New York City", "New York") == pytest.approx(0.8)
-    assert is_correct("New York City", ["New York"], "token_f1", f1_threshold=0.8)
-    assert not is_correct("New York City", ["New York"], "token_f1", f1_threshold=0.81)
-    assert token_f1("Boston", "New York") == 0.0
+    def key(threshold: float) -> AnswerKey:
+        return AnswerKey(["New York"], AuditConfig(matcher="token_f1", f1_threshold=threshold))
+
+    # "new york city" against "new york": precision 2/3, recall 1, F1 0.8.
+    assert key(0.8).matches("the New York City")
+    assert not key(0.81).matches("New York City")
+    assert key(0.5).matches("York, New")  # words, in any order
+    assert not key(0.01).matches("Boston")
 
 
 def test_clean_answer() -> None:

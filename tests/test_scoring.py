@@ -216,7 +216,7 @@ def test_normalize_is_the_reference(text: str) -> None:
 @settings(max_examples=1000, deadline=None)
 @given(configs(), answer_texts, st.lists(answer_texts, min_size=1, max_size=3))
 def test_matching_is_the_reference(config: AuditConfig, answer: str, golds: list[str]) -> None:
-    key = AnswerKey(golds, config.matcher, config.f1_threshold)
+    key = AnswerKey(golds, config)
     assert key.matches(answer) == reference_correct(answer, tuple(golds), config)
 
 

@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from app.audit.domain import (
+    AnswerKey,
     ExemplarSets,
     Tally,
     Verdict,
-    answer_key,
     build_prompts,
     clean_answer,
     judge,
@@ -131,7 +131,7 @@ def audit_batch(
     results = iter(stats.call(engine, requests, call_generations, checkpoint))
     stats.greedy_generations += len(requests)
     tallies = [Tally([clean_answer(next(results).texts[0]) for _ in ps]) for ps in prompts]
-    keys = [answer_key(ex.golds, config) for ex in examples]
+    keys = [AnswerKey(ex.golds, config) for ex in examples]
     found = [key.any_match(tally.greedy) for key, tally in zip(keys, tallies, strict=True)]
 
     unsettled = list(range(len(examples)))

@@ -22,7 +22,6 @@ from app.audit.schemas import (
     Category,
     ConflictRead,
     GroupCounts,
-    Matcher,
     ReportCounts,
     SuggestedAction,
 )
@@ -60,7 +59,7 @@ def _contains(haystack: list[str], needle: list[str]) -> bool:
     return n > 0 and any(haystack[i : i + n] == needle for i in range(len(haystack) - n + 1))
 
 
-def _f1(pred: list[str], ref: list[str]) -> float:
+def _token_f1(pred: list[str], ref: list[str]) -> float:
     common = sum((Counter(pred) & Counter(ref)).values())
     if common == 0:
         return 0.0
@@ -68,22 +67,21 @@ def _f1(pred: list[str], ref: list[str]) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def token_f1(prediction: str, gold: str) -> float:
-    return _f1(normalize(prediction).split(), normalize(gold).split())
-
-
 class AnswerKey:
-    """One example's gold answers, normalized once, and the matcher that compares answers to
-    them."""
+    """One example's gold answers, normalized once, and the config's matcher to compare answers
+    with them: `normalized_exact` (equal normalized forms), `contains` (one's words a run of the
+    other's, either way) or `token_f1` (the F1 of their words at least `f1_threshold`)."""
 
-    def __init__(self, golds: Iterable[str], matcher: Matcher, f1_threshold: float = 0.5) -> None:
-        self.matcher = matcher
-        self.f1_threshold = f1_threshold
+    __slots__ = ("f1_threshold", "matcher", "ref_words", "refs")
+
+    def __init__(self, golds: Iterable[str], config: AuditConfig) -> None:
+        self.matcher = config.matcher
+        self.f1_threshold = config.f1_threshold
         self.refs = {normalize(gold) for gold in golds}
         self.ref_words = [ref.split() for ref in self.refs]
 
     def matches(self, prediction: str) -> bool:
-        """Whether the prediction matches any gold answer under the matcher."""
+        """Whether the prediction matches any gold answer; an empty one never does."""
         pred = normalize(prediction)
         if not pred:
             return False
@@ -92,21 +90,11 @@ class AnswerKey:
         words = pred.split()
         if self.matcher == "contains":
             return any(_contains(words, ref) or _contains(ref, words) for ref in self.ref_words)
-        return any(_f1(words, ref) >= self.f1_threshold for ref in self.ref_words)
+        return any(_token_f1(words, ref) >= self.f1_threshold for ref in self.ref_words)
 
     def any_match(self, predictions: Iterable[str]) -> bool:
+        """Whether any prediction matches; each distinct one is looked at once."""
         return any(self.matches(p) for p in set(predictions))
-
-
-def answer_key(golds: Iterable[str], config: AuditConfig) -> AnswerKey:
-    return AnswerKey(golds, config.matcher, config.f1_threshold)
-
-
-def is_correct(
-    prediction: str, golds: Iterable[str], matcher: Matcher, f1_threshold: float = 0.5
-) -> bool:
-    """Whether the prediction matches any gold answer under the matcher."""
-    return AnswerKey(golds, matcher, f1_threshold).matches(prediction)
 
 
 # --- prompts ----------------------------------------------------------------------------------
@@ -364,7 +352,7 @@ def judge(example: Example, tally: Tally, config: AuditConfig) -> Verdict:
 
     Each distinct output is matched once: an example's outputs are mostly a few strings.
     """
-    key = answer_key(example.golds, config)
+    key = AnswerKey(example.golds, config)
     counts = Counter(tally.outputs())
     correct = {output: key.matches(output) for output in counts}
     greedy_correct = sum(map(correct.__getitem__, tally.greedy))
@@ -404,7 +392,7 @@ def replay(example: Example, table: Tally, config: AuditConfig) -> Verdict:
     `table` holds every answer full mode would draw. This is how the schedule's promise is
     checked: adaptive mode reaches the category full mode reaches, on the same answers.
     """
-    key = answer_key(example.golds, config)
+    key = AnswerKey(example.golds, config)
     seen = Tally(list(table.greedy))
     found = key.any_match(seen.greedy)
     while more := samples_to_draw(found, seen.drawn, config):
