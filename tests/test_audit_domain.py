@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -11,19 +12,18 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from app.audit.domain import (
+    AnswerKey,
     Tally,
     build_prompts,
     categorize,
     clean_answer,
     draw_exemplar_sets,
     export_record,
-    is_correct,
     judge,
     normalize,
     replay,
     sampling_rounds,
     student_answer,
-    token_f1,
     worst_case_generations,
 )
 from app.audit.schemas import AuditConfig, Category, SuggestedAction
@@ -73,7 +73,7 @@ def test_normalize() -> None:
     ],
 )
 def test_normalized_exact(prediction: str, golds: list[str], expected: bool) -> None:
-    assert is_correct(prediction, golds, "normalized_exact") is expected
+    assert AnswerKey(golds, AuditConfig(matcher="normalized_exact")).matches(prediction) is expected
 
 
 @pytest.mark.parametrize(
@@ -90,14 +90,18 @@ def test_normalized_exact(prediction: str, golds: list[str], expected: bool) -> 
     ],
 )
 def test_contains(prediction: str, gold: str, expected: bool) -> None:
-    assert is_correct(prediction, [gold], "contains") is expected
+    assert AnswerKey([gold], AuditConfig(matcher="contains")).matches(prediction) is expected
 
 
 def test_token_f1() -> None:
-    assert token_f1("the New York City", "New York") == pytest.approx(0.8)
-    assert is_correct("New York City", ["New York"], "token_f1", f1_threshold=0.8)
-    assert not is_correct("New York City", ["New York"], "token_f1", f1_threshold=0.81)
-    assert token_f1("Boston", "New York") == 0.0
+    def key(threshold: float) -> AnswerKey:
+        return AnswerKey(["New York"], AuditConfig(matcher="token_f1", f1_threshold=threshold))
+
+    # "new york city" against "new york": precision 2/3, recall 1, F1 0.8.
+    assert key(0.8).matches("the New York City")
+    assert not key(0.81).matches("New York City")
+    assert key(0.5).matches("York, New")  # words, in any order
+    assert not key(0.01).matches("Boston")
 
 
 def test_clean_answer() -> None:
@@ -124,7 +128,7 @@ def test_default_prompt_text_byte_for_byte() -> None:
         Example("3", "What is 2+2?", "4"),
     ]
     sets = draw_exemplar_sets(examples, config)
-    (prompt,) = build_prompts(examples[2], sets, config)
+    [(prompt,)] = build_prompts([examples[2]], sets, config)
     shown = [ex for ex in examples[:2]]
     # The order of exemplars is the draw's; check the exact text for that order.
     first, second = sorted(shown, key=lambda ex: prompt.index(ex.question))
@@ -145,7 +149,7 @@ def test_prompt_template_is_an_option() -> None:
         },
     )
     examples = [Example("1", "q1?", "a1"), Example("2", "q2?", "a2")]
-    (prompt,) = build_prompts(examples[1], draw_exemplar_sets(examples, config), config)
+    [(prompt,)] = build_prompts([examples[1]], draw_exemplar_sets(examples, config), config)
     assert prompt == "Question: q1?\nAnswer: a1\nQuestion: q2?\nAnswer:"
 
 
@@ -184,7 +188,7 @@ def test_prompt_template_keeps_escaped_braces() -> None:
         prompt={"exemplar": "{{Q}} {question} {{A}} {answer}\n", "query": "{{Q}} {question}"},
     )
     examples = [Example("1", "q1?", "a1"), Example("2", "q2?", "a2")]
-    (prompt,) = build_prompts(examples[1], draw_exemplar_sets(examples, config), config)
+    [(prompt,)] = build_prompts([examples[1]], draw_exemplar_sets(examples, config), config)
     assert prompt == "{Q} q1? {A} a1\n{Q} q2?"
 
 
@@ -218,8 +222,7 @@ def test_exemplar_sets_never_contain_the_question_itself() -> None:
     config = AuditConfig()
     examples = _examples({"P17": 7, "P36": 30, "tiny": 3})
     sets = draw_exemplar_sets(examples, config)
-    for example in examples:
-        prompts = build_prompts(example, sets, config)
+    for example, prompts in zip(examples, build_prompts(examples, sets, config), strict=True):
         assert len(prompts) == config.n_exemplar_sets
         for prompt in prompts:
             shown = prompt.split("\n\n")
@@ -232,7 +235,7 @@ def test_exemplars_come_from_the_same_group() -> None:
     config = AuditConfig()
     examples = _examples({"P17": 12, "P36": 12})
     sets = draw_exemplar_sets(examples, config)
-    for prompt in build_prompts(examples[0], sets, config):
+    for prompt in build_prompts(examples[:1], sets, config)[0]:
         assert prompt.count("P17 question") == config.shots + 1
         assert "P36" not in prompt
 
@@ -244,7 +247,7 @@ def test_a_group_shares_its_prefixes() -> None:
     in_a_set = {c.question for s in sets["P17"] for c in s}
     outsiders = [ex for ex in examples if ex.question not in in_a_set]
     assert len(outsiders) >= 2
-    a, b = (build_prompts(ex, sets, config) for ex in outsiders[:2])
+    a, b = build_prompts(outsiders[:2], sets, config)
     assert [p.rsplit("Q: ", 1)[0] for p in a] == [p.rsplit("Q: ", 1)[0] for p in b]
 
 
@@ -263,7 +266,7 @@ def test_a_group_smaller_than_a_set_borrows_from_the_dataset() -> None:
     examples = _examples({"big": 10, "small": 2})
     sets = draw_exemplar_sets(examples, config)
     small = examples[-1]
-    for prompt in build_prompts(small, sets, config):
+    for prompt in build_prompts([small], sets, config)[0]:
         assert prompt.count("Q: ") == config.shots + 1
 
 
@@ -339,15 +342,15 @@ def test_unknown_draws_everything() -> None:
 
 
 def test_student_answer_counts_normalized_forms() -> None:
-    answer, agreement = student_answer(["Blemton", "blemton.", "the Blemton", "Zorv"])
+    answer, agreement = student_answer(Counter(["Blemton", "blemton.", "the Blemton", "Zorv"]))
     assert normalize(answer) == "blemton"
     assert answer == "Blemton" or answer in {"blemton.", "the Blemton"}
     assert agreement == 0.75
 
 
 def test_student_answer_ties_go_to_the_first_seen() -> None:
-    assert student_answer(["b", "a", "a", "b"]) == ("b", 0.5)
-    assert student_answer([]) == ("", 0.0)
+    assert student_answer(Counter(["b", "a", "a", "b"])) == ("b", 0.5)
+    assert student_answer(Counter()) == ("", 0.0)
 
 
 def test_flagged_consistent_student_gets_its_own_answer_and_a_conflict() -> None:

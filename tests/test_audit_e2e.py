@@ -184,8 +184,8 @@ def test_engines_agree_on_greedy_answers(
     sets = draw_exemplar_sets(examples, config)
     requests = [
         GenerationRequest(prompt, greedy_options(config))
-        for example in examples
-        for prompt in build_prompts(example, sets, config)
+        for prompts in build_prompts(examples, sets, config)
+        for prompt in prompts
     ]
     hf = [clean_answer(r.texts[0]) for r in hf_engine.generate(requests)]
     vllm = [clean_answer(r.texts[0]) for r in vllm_engine.generate(requests)]

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.audit.domain import build_prompts, clean_answer, draw_exemplar_sets
+from app.audit.domain import Message, build_prompts, clean_answer, draw_exemplar_sets
 from app.audit.schemas import AuditConfig
 from kma.cli.processes import free_port, wait_until_ready
 from kma.tiny_student import write_dataset
@@ -100,14 +100,18 @@ def test_chat_requests_go_to_chat_completions_with_every_sampling_field() -> Non
         ]
         return httpx.Response(200, json={"choices": choices})
 
-    options = SamplingOptions(n=2, temperature=0.7, top_k=20, top_p=0.9, max_tokens=16, chat=True)
+    options = SamplingOptions(n=2, temperature=0.7, top_k=20, top_p=0.9, max_tokens=16)
+    prompt = (Message("system", "Answer in one line."), Message("user", "Q: x\nA:"))
     with mock_engine(handler) as engine:
-        [result] = engine.generate([GenerationRequest("Q: x\nA:", options)])
+        [result] = engine.generate([GenerationRequest(prompt, options)])
     assert result.texts == ["Zorv", "Blai"]
     assert bodies == [
         {
             "model": "student",
-            "messages": [{"role": "user", "content": "Q: x\nA:"}],
+            "messages": [
+                {"role": "system", "content": "Answer in one line."},
+                {"role": "user", "content": "Q: x\nA:"},
+            ],
             "n": 2,
             "temperature": 0.7,
             "top_k": 20,
@@ -214,6 +218,11 @@ def test_the_openai_engine_needs_its_server(monkeypatch: pytest.MonkeyPatch) -> 
         load_engine("hf", "student", base_url=BASE_URL)
     with pytest.raises(ValueError, match="openai engine"):
         load_engine("hf", "student", api_key="secret")
+
+
+def test_an_engine_name_outside_the_list_is_refused() -> None:
+    with pytest.raises(ValueError, match="no engine is named 'tpu'; the engines: auto, hf, vllm"):
+        load_engine("tpu", "student")  # type: ignore[arg-type]
     engine = load_engine("openai", "student", base_url=BASE_URL)
     assert isinstance(engine, OpenAIEngine)
     assert engine.url == f"{BASE_URL}/completions"
@@ -269,7 +278,7 @@ def served(student_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Serve
     config = AuditConfig()
     examples = [r.example for r in read_dataset(folder / "teacher.jsonl")]
     sets = draw_exemplar_sets(examples, config)
-    prompts = [p for example in examples for p in build_prompts(example, sets, config)]
+    prompts = [p for per_example in build_prompts(examples, sets, config) for p in per_example]
     greedy = [GenerationRequest(p, greedy_options(config)) for p in prompts]
     sampled = [GenerationRequest(p, sample_options(config, 4)) for p in prompts[:20]]
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from app.audit.domain import draw_exemplar_sets
+from app.audit.domain import Message, draw_exemplar_sets
 from app.audit.schemas import AuditConfig, Category
 from app.datasets.domain import Example
 from workers.engines.base import GenerationRequest, GenerationResult
@@ -74,14 +76,23 @@ def test_every_sampling_field_is_passed() -> None:
     )
 
 
-@pytest.mark.parametrize("chat", [False, True])
-def test_the_chat_template_option_reaches_every_request(chat: bool) -> None:
-    examples = world(3)
-    config = AuditConfig(chat_template=chat)
-    engine = FakeEngine(student)
-    audit_batch(examples, draw_exemplar_sets(examples, config), engine, config)
-    assert len(engine.calls) > 1
-    assert all(r.options.chat is chat for call in engine.calls for r in call)
+def test_the_chat_template_option_asks_every_prompt_as_one_user_message() -> None:
+    examples = world(6)
+    plain_config = AuditConfig()
+    chat_config = AuditConfig(chat_template=True)
+    sets = draw_exemplar_sets(examples, plain_config)
+
+    def chat_student(request: GenerationRequest) -> GenerationResult:
+        [message] = request.prompt
+        assert isinstance(message, Message) and message.role == "user"
+        return student(replace(request, prompt=message.content))
+
+    plain, chat = FakeEngine(student), FakeEngine(chat_student)
+    expected = audit_batch(examples, sets, plain, plain_config).verdicts
+    assert audit_batch(examples, sets, chat, chat_config).verdicts == expected
+    asked = [[(r.prompt, r.options) for r in call] for call in plain.calls]
+    assert len(asked) > 1
+    assert [[(r.prompt[0].content, r.options) for r in call] for call in chat.calls] == asked
 
 
 def test_an_engine_that_returns_too_few_samples_is_an_error() -> None:

@@ -8,11 +8,13 @@ how to judge) are the pure ones in `app.audit.domain`.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from app.audit.domain import (
+    AnswerKey,
     ExemplarSets,
     Tally,
     Verdict,
@@ -20,7 +22,6 @@ from app.audit.domain import (
     clean_answer,
     judge,
     samples_to_draw,
-    score,
 )
 from app.audit.schemas import AuditConfig
 from app.datasets.domain import Example
@@ -100,7 +101,6 @@ def greedy_options(config: AuditConfig) -> SamplingOptions:
         top_k=-1,
         top_p=1.0,
         max_tokens=config.max_new_tokens,
-        chat=config.chat_template,
     )
 
 
@@ -111,7 +111,6 @@ def sample_options(config: AuditConfig, n: int) -> SamplingOptions:
         top_k=config.top_k,
         top_p=config.top_p,
         max_tokens=config.max_new_tokens,
-        chat=config.chat_template,
     )
 
 
@@ -126,35 +125,46 @@ def audit_batch(
 ) -> BatchResult:
     """Generate what the schedule needs for these examples and judge each one."""
     stats = RunStats()
-    prompts = [build_prompts(ex, sets, config) for ex in examples]
+    prompts = build_prompts(examples, sets, config)
     greedy = greedy_options(config)
     requests = [GenerationRequest(p, greedy) for per_example in prompts for p in per_example]
     results = iter(stats.call(engine, requests, call_generations, checkpoint))
     stats.greedy_generations += len(requests)
     tallies = [Tally([clean_answer(next(results).texts[0]) for _ in ps]) for ps in prompts]
+    keys = [AnswerKey(ex.golds, config) for ex in examples]
+    found = [key.any_match(tally.greedy) for key, tally in zip(keys, tallies, strict=True)]
 
+    unsettled = list(range(len(examples)))
     while True:
-        wanted: list[tuple[int, int]] = []
-        for i, (example, tally) in enumerate(zip(examples, tallies, strict=True)):
-            scored = score(tally, example.golds, config)
-            more = samples_to_draw(scored.greedy_ok, scored.sample_ok, tally.drawn, config)
-            if more:
-                wanted.append((i, more))
+        wanted: list[tuple[int, int, int]] = []  # example, samples drawn so far, more to draw
+        for i in unsettled:
+            drawn = tallies[i].drawn
+            if more := samples_to_draw(found[i], drawn, config):
+                wanted.append((i, drawn, more))
         if not wanted:
             break
+        options = {more: sample_options(config, more) for _, _, more in wanted}
         requests = [
-            GenerationRequest(p, sample_options(config, more), draw=tallies[i].drawn)
-            for i, more in wanted
+            GenerationRequest(p, options[more], draw=drawn)
+            for i, drawn, more in wanted
             for p in prompts[i]
         ]
         results = iter(stats.call(engine, requests, call_generations, checkpoint))
-        for i, more in wanted:
-            for row in tallies[i].samples:
+        for i, drawn, more in wanted:
+            rows = tallies[i].samples
+            for row in rows:
                 texts = next(results).texts
                 if len(texts) != more:
                     raise RuntimeError(f"engine returned {len(texts)} samples, asked for {more}")
-                row.extend(clean_answer(t) for t in texts)
-                stats.sampled_generations += more
+                row.extend(map(clean_answer, texts))
+            stats.sampled_generations += more * len(rows)
+            # A correct answer only matters while there are samples left to draw.
+            if not found[i] and drawn + more < config.samples:
+                found[i] = keys[i].any_match(
+                    itertools.chain.from_iterable(row[drawn:] for row in rows)
+                )
+        # An example the schedule leaves out once is settled for good.
+        unsettled = [i for i, _, _ in wanted]
 
     verdicts = [judge(ex, t, config) for ex, t in zip(examples, tallies, strict=True)]
     return BatchResult(tallies, verdicts, stats)

@@ -6,11 +6,13 @@ other thresholds) from its stored generations without a model.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import random
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,7 +22,6 @@ from app.audit.schemas import (
     Category,
     ConflictRead,
     GroupCounts,
-    Matcher,
     ReportCounts,
     SuggestedAction,
 )
@@ -31,9 +32,25 @@ from app.datasets.domain import Example, with_answer
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
+class _PunctuationToSpaces(dict[int, int]):
+    """A `str.translate` table: Unicode punctuation (category P*) to a space, every other
+    character to itself; filled in as characters are first met."""
+
+    def __missing__(self, char: int) -> int:
+        mapped = self[char] = ord(" ") if unicodedata.category(chr(char)).startswith("P") else char
+        return mapped
+
+
+_PUNCTUATION_TO_SPACES = _PunctuationToSpaces()
+
+
+@functools.lru_cache(maxsize=1 << 12)
 def normalize(text: str) -> str:
-    """Lowercase, punctuation to spaces, drop a/an/the, collapse whitespace."""
-    text = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text.lower())
+    """Lowercase, punctuation to spaces, drop a/an/the, collapse whitespace.
+
+    Cached: an example's answers are mostly a few strings said over and over.
+    """
+    text = text.lower().translate(_PUNCTUATION_TO_SPACES)
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
@@ -42,8 +59,7 @@ def _contains(haystack: list[str], needle: list[str]) -> bool:
     return n > 0 and any(haystack[i : i + n] == needle for i in range(len(haystack) - n + 1))
 
 
-def token_f1(prediction: str, gold: str) -> float:
-    pred, ref = normalize(prediction).split(), normalize(gold).split()
+def _token_f1(pred: list[str], ref: list[str]) -> float:
     common = sum((Counter(pred) & Counter(ref)).values())
     if common == 0:
         return 0.0
@@ -51,25 +67,34 @@ def token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def is_correct(
-    prediction: str, golds: Iterable[str], matcher: Matcher, f1_threshold: float = 0.5
-) -> bool:
-    """Whether the prediction matches any gold answer under the matcher."""
-    pred = normalize(prediction)
-    if not pred:
-        return False
-    for gold in golds:
-        ref = normalize(gold)
-        if matcher == "normalized_exact":
-            if pred == ref:
-                return True
-        elif matcher == "contains":
-            p, r = pred.split(), ref.split()
-            if _contains(p, r) or _contains(r, p):
-                return True
-        elif token_f1(pred, ref) >= f1_threshold:
-            return True
-    return False
+class AnswerKey:
+    """One example's gold answers, normalized once, and the config's matcher to compare answers
+    with them: `normalized_exact` (equal normalized forms), `contains` (one's words a run of the
+    other's, either way) or `token_f1` (the F1 of their words at least `f1_threshold`)."""
+
+    __slots__ = ("f1_threshold", "matcher", "ref_words", "refs")
+
+    def __init__(self, golds: Iterable[str], config: AuditConfig) -> None:
+        self.matcher = config.matcher
+        self.f1_threshold = config.f1_threshold
+        self.refs = {normalize(gold) for gold in golds}
+        self.ref_words = [ref.split() for ref in self.refs]
+
+    def matches(self, prediction: str) -> bool:
+        """Whether the prediction matches any gold answer; an empty one never does."""
+        pred = normalize(prediction)
+        if not pred:
+            return False
+        if self.matcher == "normalized_exact":
+            return pred in self.refs
+        words = pred.split()
+        if self.matcher == "contains":
+            return any(_contains(words, ref) or _contains(ref, words) for ref in self.ref_words)
+        return any(_token_f1(words, ref) >= self.f1_threshold for ref in self.ref_words)
+
+    def any_match(self, predictions: Iterable[str]) -> bool:
+        """Whether any prediction matches; each distinct one is looked at once."""
+        return any(self.matches(p) for p in set(predictions))
 
 
 # --- prompts ----------------------------------------------------------------------------------
@@ -154,22 +179,65 @@ def exemplar_sets_from_json(data: Mapping[str, Any]) -> ExemplarSets:
     }
 
 
-def build_prompts(example: Example, sets: ExemplarSets, config: AuditConfig) -> list[str]:
-    """The example's few-shot prompts, one per exemplar set, never showing its own question."""
+@dataclass(frozen=True)
+class Message:
+    """One turn of a chat prompt."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+Prompt = str | tuple[Message, ...]
+"""What the student is asked: plain text it continues, or chat messages, which each engine
+renders its own way (the model's chat template, a server's chat endpoint)."""
+
+
+def build_prompts(
+    examples: Sequence[Example], sets: ExemplarSets, config: AuditConfig
+) -> list[list[Prompt]]:
+    """Each example's few-shot prompts, one per exemplar set, never showing its own question;
+    with `chat_template`, each as one user message.
+
+    A set shows its first `shots` candidates to every question of its group but those among
+    them, so that text is written once per set, not once per question.
+    """
     template = config.prompt
-    query = template.query.format(question=example.question)
-    prompts = []
-    for candidates in sets[group_key(example)]:
-        shots = [c for c in candidates if c.question != example.question][: config.shots]
-        prefix = "".join(
+
+    def written(shots: Iterable[Exemplar]) -> str:
+        return "".join(
             template.exemplar.format(question=c.question, answer=c.answer) for c in shots
         )
-        prompts.append(prefix + query)
+
+    def asked(text: str) -> Prompt:
+        return (Message("user", text),) if config.chat_template else text
+
+    # Per group, per set: the text of its first `shots` candidates, and their questions.
+    shared: dict[str, list[tuple[str, set[str]]]] = {}
+    prompts: list[list[Prompt]] = []
+    for example in examples:
+        key = group_key(example)
+        if key not in shared:
+            shared[key] = [
+                (written(s[: config.shots]), {c.question for c in s[: config.shots]})
+                for s in sets[key]
+            ]
+        question = example.question
+        query = template.query.format(question=question)
+        per_example = []
+        for candidates, (prefix, shown) in zip(sets[key], shared[key], strict=True):
+            if question in shown:
+                prefix = written([c for c in candidates if c.question != question][: config.shots])
+            per_example.append(asked(prefix + query))
+        prompts.append(per_example)
     return prompts
 
 
+@functools.lru_cache(maxsize=1 << 12)
 def clean_answer(text: str) -> str:
-    """The answer in a completion: its first line, stripped."""
+    """The answer in a completion: its first line, stripped.
+
+    Cached: an example's answers are mostly a few strings said over and over.
+    """
     return text.split("\n", 1)[0].strip()
 
 
@@ -204,10 +272,11 @@ class Tally:
 
     @property
     def generations(self) -> int:
-        return len(self.greedy) + sum(len(s) for s in self.samples)
+        return len(self.greedy) + sum(map(len, self.samples))
 
-    def outputs(self) -> list[str]:
-        return self.greedy + [text for per_prompt in self.samples for text in per_prompt]
+    def outputs(self) -> Iterator[str]:
+        """Every answer: the greedy ones, then each prompt's samples."""
+        return itertools.chain(self.greedy, *self.samples)
 
 
 def worst_case_generations(config: AuditConfig, examples: int) -> int:
@@ -234,18 +303,17 @@ def sampling_rounds(samples: int) -> list[int]:
     return rounds
 
 
-def samples_to_draw(
-    greedy_ok: Sequence[bool], sample_ok: Sequence[Sequence[bool]], drawn: int, config: AuditConfig
-) -> int:
-    """How many more samples per prompt this example needs now; 0 once its category is settled.
+def samples_to_draw(found: bool, drawn: int, config: AuditConfig) -> int:
+    """How many more samples per prompt an example needs now; 0 once its category is settled.
 
+    `found`: a correct answer is among the example's answers so far (greedy or sampled).
     Full mode draws every sample at once. Adaptive mode draws none when a greedy answer is
     correct (P0 > 0 settles the category), stops at the first correct sample (WeaklyKnown), and
     otherwise goes on round by round: only all-wrong questions are sampled to the end (Unknown).
     """
     if config.mode == "full":
         return config.samples - drawn
-    if any(greedy_ok) or any(any(row) for row in sample_ok):
+    if found:
         return 0
     for target in sampling_rounds(config.samples):
         if target > drawn:
@@ -253,35 +321,23 @@ def samples_to_draw(
     return 0
 
 
-@dataclass(frozen=True)
-class Scored:
-    greedy_ok: list[bool]
-    sample_ok: list[list[bool]]
-
-
-def score(tally: Tally, golds: Sequence[str], config: AuditConfig) -> Scored:
-    def ok(text: str) -> bool:
-        return is_correct(text, golds, config.matcher, config.f1_threshold)
-
-    return Scored([ok(t) for t in tally.greedy], [[ok(t) for t in row] for row in tally.samples])
-
-
-def student_answer(outputs: Sequence[str]) -> tuple[str, float]:
+def student_answer(counts: Mapping[str, int]) -> tuple[str, float]:
     """The student's most frequent answer (by normalized form) and the share of outputs that agree.
 
-    Ties go to the answer seen first (greedy answers come first); the surface form returned is the
+    `counts` holds how often each output was given, in the order the outputs were first seen
+    (greedy answers first). Ties go to the answer seen first; the surface form returned is the
     most common spelling of the winning normalized answer.
     """
-    if not outputs:
+    total = sum(counts.values())
+    if not total:
         return "", 0.0
-    counts = Counter(normalize(o) for o in outputs)
-    best = max(counts, key=lambda k: (counts[k], -_first_index(outputs, k)))
-    spellings = Counter(o for o in outputs if normalize(o) == best)
-    return spellings.most_common(1)[0][0], counts[best] / len(outputs)
-
-
-def _first_index(outputs: Sequence[str], norm: str) -> int:
-    return next(i for i, o in enumerate(outputs) if normalize(o) == norm)
+    by_form: dict[str, int] = {}
+    for output, count in counts.items():
+        form = normalize(output)
+        by_form[form] = by_form.get(form, 0) + count
+    best = max(by_form, key=by_form.__getitem__)
+    spelling = max((o for o in counts if normalize(o) == best), key=counts.__getitem__)
+    return spelling, by_form[best] / total
 
 
 @dataclass(frozen=True)
@@ -292,18 +348,24 @@ class Verdict:
 
 
 def judge(example: Example, tally: Tally, config: AuditConfig) -> Verdict:
-    """The example's category, the student's answer and the suggested action."""
-    scored = score(tally, example.golds, config)
-    p_greedy = sum(scored.greedy_ok) / len(scored.greedy_ok)
-    sample_flat = [ok for row in scored.sample_ok for ok in row]
-    p_sample = sum(sample_flat) / len(sample_flat) if sample_flat else None
+    """The example's category, the student's answer and the suggested action.
+
+    Each distinct output is matched once: an example's outputs are mostly a few strings.
+    """
+    key = AnswerKey(example.golds, config)
+    counts = Counter(tally.outputs())
+    correct = {output: key.matches(output) for output in counts}
+    greedy_correct = sum(map(correct.__getitem__, tally.greedy))
+    generations = tally.generations
+    sampled = generations - len(tally.greedy)
+    sampled_correct = sum(n for output, n in counts.items() if correct[output]) - greedy_correct
+    p_greedy = greedy_correct / len(tally.greedy)
+    p_sample = sampled_correct / sampled if sampled else None
     category = categorize(p_greedy, p_sample)
     flagged = category in config.flag_categories
-    answer, agreement = student_answer(tally.outputs())
+    answer, agreement = student_answer(counts)
     consistent = bool(normalize(answer)) and agreement >= config.student_answer_min_agreement
-    conflict = consistent and not is_correct(
-        answer, example.golds, config.matcher, config.f1_threshold
-    )
+    conflict = consistent and not correct[answer]
     if not flagged:
         action, suggested = SuggestedAction.KEEP, None
     elif consistent:
@@ -319,7 +381,7 @@ def judge(example: Example, tally: Tally, config: AuditConfig) -> Verdict:
         agreement=agreement,
         suggested_action=action,
         suggested_answer=suggested,
-        generations=tally.generations,
+        generations=generations,
     )
     return Verdict(audit, conflict)
 
@@ -330,14 +392,14 @@ def replay(example: Example, table: Tally, config: AuditConfig) -> Verdict:
     `table` holds every answer full mode would draw. This is how the schedule's promise is
     checked: adaptive mode reaches the category full mode reaches, on the same answers.
     """
+    key = AnswerKey(example.golds, config)
     seen = Tally(list(table.greedy))
-    while True:
-        scored = score(seen, example.golds, config)
-        more = samples_to_draw(scored.greedy_ok, scored.sample_ok, seen.drawn, config)
-        if more == 0:
-            return judge(example, seen, config)
-        upto = seen.drawn + more
+    found = key.any_match(seen.greedy)
+    while more := samples_to_draw(found, seen.drawn, config):
+        drawn, upto = seen.drawn, seen.drawn + more
         seen.samples = [row[:upto] for row in table.samples]
+        found = found or key.any_match(o for row in seen.samples for o in row[drawn:])
+    return judge(example, seen, config)
 
 
 # --- export -----------------------------------------------------------------------------------

@@ -123,8 +123,8 @@ class AuditConfig(BaseModel):
     prompt: PromptTemplate = PromptTemplate()
     chat_template: bool = Field(
         False,
-        description="Wrap each few-shot prompt as one user message in the student's chat "
-        "template, for chat-tuned students.",
+        description="Ask each few-shot prompt as one user message, for chat-tuned students: "
+        "rendered in the model's chat template, or sent to the server's chat endpoint (openai).",
     )
 
     @field_validator("top_k")

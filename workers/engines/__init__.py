@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from app.students.schemas import EngineName, RegisteredStudent
+from app.students.schemas import ENGINE_NAMES, EngineName, RegisteredStudent
 from workers.engines.base import Engine
 
 
@@ -38,9 +38,11 @@ def load_engine(
         from workers.engines.vllm import VLLMEngine
 
         return VLLMEngine(model, revision=revision, **options)
-    from workers.engines.hf import HFEngine
+    if name == "hf":
+        from workers.engines.hf import HFEngine
 
-    return HFEngine(model, revision=revision, **options)
+        return HFEngine(model, revision=revision, **options)
+    raise ValueError(f"no engine is named {name!r}; the engines: {', '.join(ENGINE_NAMES)}")
 
 
 def load_student(student: RegisteredStudent, **options: Any) -> Engine:

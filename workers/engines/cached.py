@@ -24,6 +24,7 @@ def cache_key(namespace: str, model_id: str, request: GenerationRequest) -> byte
     payload = json.dumps(
         [namespace, model_id, request.prompt, asdict(request.options), request.draw],
         sort_keys=True,
+        default=asdict,
     )
     return hashlib.sha256(payload.encode()).digest()
 

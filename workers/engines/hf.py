@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from app.audit.domain import Prompt
 from workers.engines.base import (
     GenerationRequest,
     GenerationResult,
@@ -46,10 +47,13 @@ class HFEngine:
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         results: list[GenerationResult | None] = [None] * len(requests)
-        by_options: dict[SamplingOptions, list[int]] = {}
+        # A batch shares its options, and is all text or all chat: a chat template brings its
+        # own special tokens.
+        batches: dict[tuple[SamplingOptions, bool], list[int]] = {}
         for i, request in enumerate(requests):
-            by_options.setdefault(request.options, []).append(i)
-        for options, indices in by_options.items():
+            chat = not isinstance(request.prompt, str)
+            batches.setdefault((request.options, chat), []).append(i)
+        for (options, _), indices in batches.items():
             per_batch = max(1, self.batch_size // options.n)
             for start in range(0, len(indices), per_batch):
                 batch = indices[start : start + per_batch]
@@ -60,13 +64,18 @@ class HFEngine:
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _generate(self, prompts: list[str], options: SamplingOptions) -> list[str]:
-        add_special_tokens = True
-        if options.chat:
-            prompts = [render_chat(self.tokenizer, p, self.model_id) for p in prompts]
-            add_special_tokens = not all(starts_with_bos(self.tokenizer, p) for p in prompts)
+    def _generate(self, prompts: list[Prompt], options: SamplingOptions) -> list[str]:
+        """Completions of prompts that are all text or all chat."""
+        rendered = [
+            p if isinstance(p, str) else render_chat(self.tokenizer, p, self.model_id)
+            for p in prompts
+        ]
+        chat = not isinstance(prompts[0], str)
+        add_special_tokens = not (
+            chat and all(starts_with_bos(self.tokenizer, text) for text in rendered)
+        )
         inputs = self.tokenizer(
-            prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
+            rendered, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
         ).to(self.device)
         config = GenerationConfig(
             do_sample=not options.greedy,

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible engine: a completions server (`vllm serve`, SGLang, ...) over HTTP,
-one request per prompt, many in flight; the server batches them."""
+"""The OpenAI-compatible engine: a completions server (`vllm serve`, SGLang, ...) over HTTP, its
+chat endpoint for chat prompts; one request per prompt, many in flight; the server batches them."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from workers.engines.base import (
     EngineUnavailable,
     GenerationRequest,
     GenerationResult,
+    as_dicts,
     cut_at_stop,
 )
 
@@ -104,19 +105,20 @@ class OpenAIEngine:
             "stop": list(options.stop),
             "stream": False,
         }
-        if options.chat:
-            url = self.chat_url
-            body["messages"] = [{"role": "user", "content": request.prompt}]
-        else:
+        prompt = request.prompt
+        if isinstance(prompt, str):
             url = self.url
-            body["prompt"] = request.prompt
+            body["prompt"] = prompt
+        else:  # chat messages: the server renders them in the model's chat template
+            url = self.chat_url
+            body["messages"] = as_dicts(prompt)
         data = await self._post(url, body)
         choices = sorted(data.get("choices") or [], key=lambda c: int(c["index"]))
         if len(choices) != options.n:
             raise CompletionServerError(
                 f"POST {url}: {len(choices)} choices for n={options.n}: {str(data)[:500]}"
             )
-        texts = [c["message"]["content"] if options.chat else c["text"] for c in choices]
+        texts = [c["text"] if isinstance(prompt, str) else c["message"]["content"] for c in choices]
         return GenerationResult([cut_at_stop(t, options.stop) for t in texts])
 
     async def _post(self, url: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -71,9 +71,9 @@ class VLLMEngine:
         return [GenerationResult([c.text for c in out.outputs]) for out in outputs]
 
     def _prompt(self, request: GenerationRequest) -> Any:
-        """The prompt text, or for chat its rendered template as token ids: tokenized here so
-        a template that already starts with BOS does not get a second."""
-        if not request.options.chat:
+        """The prompt text, or for chat messages their rendered template as token ids: tokenized
+        here so a template that already starts with BOS does not get a second."""
+        if isinstance(request.prompt, str):
             return request.prompt
         from vllm.inputs import TokensPrompt
 
