@@ -73,8 +73,11 @@ def instant_engine_for(student: dict[str, Any]) -> InstantEngine:
 class WorkerTimings:
     busy_s: float = 0.0
     """Seconds in units of work: planning a job, or a chunk with the finalize step after it."""
+    busy_cpu_s: float = 0.0
+    """CPU seconds of the thread doing them, in them."""
     scoring_s: float = 0.0
-    """Of those, seconds in the scoring rules the runner calls (`score`, `judge`)."""
+    """Of the busy seconds, those in the scoring rules the runner calls (`score`, `judge`)."""
+    scoring_cpu_s: float = 0.0
     units: int = 0
     """Units of work asked for, those that found none included."""
 
@@ -85,21 +88,23 @@ def record_timings(path: Path) -> None:
     work_once = jobs.work_once
 
     def timed_work_once(worker: jobs.Worker) -> bool:
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         try:
             return work_once(worker)
         finally:
             timings.busy_s += time.perf_counter() - started
+            timings.busy_cpu_s += time.thread_time() - started_cpu
             timings.units += 1
             path.write_text(json.dumps(asdict(timings)))
 
     def timed(rule: Callable[..., Any]) -> Callable[..., Any]:
         def timed_rule(*args: Any) -> Any:
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.thread_time()
             try:
                 return rule(*args)
             finally:
                 timings.scoring_s += time.perf_counter() - started
+                timings.scoring_cpu_s += time.thread_time() - started_cpu
 
         return timed_rule
 

@@ -73,7 +73,7 @@ FRAME_LINE = re.compile(r":\d+\)$")
 class Frame:
     function: str
     self_share: float
-    """Share of the worker's busy samples spent in the function itself."""
+    """Share of the worker's busy time spent in the function itself."""
     total_share: float
     """Share of them with the function on the stack."""
 
@@ -100,6 +100,12 @@ class Run:
     """Of the busy time, the scoring rules (`score`, `judge`)."""
     generations_per_s_without_scoring: float
     """Generations / (busy - scoring): the pace of everything but the scoring rules."""
+    busy_cpu_s: float
+    """CPU seconds of the worker's thread in its units of work."""
+    scoring_cpu_s: float
+    generations_per_cpu_s_without_scoring: float
+    """Generations / (busy CPU - scoring CPU): as above, counting only the CPU the worker's
+    thread got (the database's work is not in it); less swayed by the machine's load."""
     cache_and_engine_s: float
     """The runner's engine calls (the cache wrapper around the instant engine), summed."""
     worker_cpu_s: float
@@ -153,8 +159,9 @@ def engine_seconds(database_url: str, job_id: str) -> float:
 
 
 def start_profiler(pid: int, path: Path) -> subprocess.Popen[bytes]:
-    """py-spy sampling the worker's busy threads, stacks by function, as collapsed stacks."""
-    command = [str(PY_SPY), "record", "--pid", str(pid), "--rate", str(PROFILE_RATE)]
+    """py-spy sampling the worker's threads, waiting ones too (for the database, for a core),
+    stacks by function, as collapsed stacks."""
+    command = [str(PY_SPY), "record", "--pid", str(pid), "--rate", str(PROFILE_RATE), "--idle"]
     command += ["--function", "--format", "raw", "--output", str(path)]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -165,8 +172,9 @@ def stop_profiler(profiler: subprocess.Popen[bytes]) -> None:
 
 
 def top_frames(path: Path, count: int) -> list[Frame]:
-    """The functions most often on the stack while the worker did a unit of work, from py-spy's
-    collapsed stacks (`frame;frame;... samples` a line; a frame is `function (file:line)`)."""
+    """The functions most often on the stack while the worker did a unit of work (shares of its
+    wall time), from py-spy's collapsed stacks (`frame;frame;... samples` a line; a frame is
+    `function (file:line)`)."""
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
     samples = 0
@@ -247,6 +255,10 @@ def run_mode(
         busy_examples_per_s=examples / timings.busy_s,
         scoring_s=timings.scoring_s,
         generations_per_s_without_scoring=steps.generations / (timings.busy_s - timings.scoring_s),
+        busy_cpu_s=timings.busy_cpu_s,
+        scoring_cpu_s=timings.scoring_cpu_s,
+        generations_per_cpu_s_without_scoring=steps.generations
+        / (timings.busy_cpu_s - timings.scoring_cpu_s),
         cache_and_engine_s=engine_seconds(database_url, job_id),
         worker_cpu_s=(cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system),
         chunks=steps.chunks,
@@ -319,6 +331,7 @@ def table(result: Result) -> str:
         "",
         f"{'mode':<9} {'load':>9} {'generations':>12} {'job s':>7} {'gen/s':>9} {'ex/s':>7} "
         f"{'busy s':>7} {'gen/s busy':>10} {'scoring s':>9} {'gen/s -scoring':>14} "
+        f"{'busy cpu s':>10} {'scoring cpu s':>13} {'gen/cpu s -scoring':>18} "
         f"{'cache+engine s':>14} {'cpu s':>6}",
     ]
     for r in result.runs:
@@ -326,8 +339,9 @@ def table(result: Result) -> str:
             f"{r.mode:<9} {r.load_before:>4.1f}-{r.load_after:<4.1f} {r.generations:>12,} "
             f"{r.job_s:>7.1f} {r.generations_per_s:>9,.0f} {r.examples_per_s:>7,.0f} "
             f"{r.busy_s:>7.1f} {r.busy_generations_per_s:>10,.0f} {r.scoring_s:>9.1f} "
-            f"{r.generations_per_s_without_scoring:>14,.0f} {r.cache_and_engine_s:>14.1f} "
-            f"{r.worker_cpu_s:>6.1f}"
+            f"{r.generations_per_s_without_scoring:>14,.0f} {r.busy_cpu_s:>10.1f} "
+            f"{r.scoring_cpu_s:>13.1f} {r.generations_per_cpu_s_without_scoring:>18,.0f} "
+            f"{r.cache_and_engine_s:>14.1f} {r.worker_cpu_s:>6.1f}"
         )
     for r in result.runs:
         if r.profile:
