@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +35,6 @@ from workers.engines.base import GenerationRequest, GenerationResult  # noqa: E4
 
 TIMINGS_ENV = "BENCH_WORKER_TIMINGS"
 WRONG_ANSWER = "forty-two"
-QUERY = re.compile(r"number (\d+)\?\s*A:\s*$")
 
 
 class InstantEngine:
@@ -57,10 +55,11 @@ class InstantEngine:
 
 
 def answer(prompt: str) -> str:
-    found = QUERY.search(prompt)
-    if found is None or int(found[1]) % 2:
+    # String methods, not a regular expression: the engine should cost next to nothing.
+    number, mark, rest = prompt.rpartition("number ")[2].partition("?")
+    if not (number.isdigit() and mark and rest.strip() == "A:") or int(number) % 2:
         return WRONG_ANSWER
-    return found[1]
+    return number
 
 
 def instant_engine_for(student: dict[str, Any]) -> InstantEngine:
