@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from workers.engines.base import GenerationRequest, SamplingOptions, render_chat, starts_with_bos
-from workers.engines.cached import cache_key
+from workers.engines.cached import cache_key, key_prefix
 
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
@@ -34,9 +34,9 @@ def chat_student(student_dir: Path, tmp_path: Path) -> Path:
 
 
 def test_chat_and_plain_requests_are_cached_apart() -> None:
-    plain = GenerationRequest(PROMPT, SamplingOptions())
-    chat = GenerationRequest(PROMPT, SamplingOptions(chat=True))
-    assert cache_key("", "student", plain) != cache_key("", "student", chat)
+    plain = key_prefix("", "student", SamplingOptions())
+    chat = key_prefix("", "student", SamplingOptions(chat=True))
+    assert cache_key(plain, PROMPT, 0) != cache_key(chat, PROMPT, 0)
 
 
 def test_the_prompt_is_rendered_as_one_user_message(chat_student: Path) -> None:

@@ -143,7 +143,7 @@ def audit_batch(
         if not wanted:
             break
         requests = [
-            GenerationRequest(p, sample_options(config, more), draw=tallies[i].drawn)
+            GenerationRequest(p, sample_options(config, more))
             for i, more in wanted
             for p in prompts[i]
         ]

@@ -30,9 +30,6 @@ class SamplingOptions:
 class GenerationRequest:
     prompt: str
     options: SamplingOptions
-    draw: int = 0
-    """Samples of this prompt drawn before this request. Engines ignore it; it keeps a prompt's
-    later sampling rounds apart from its first in the generation cache."""
 
 
 class EngineUnavailable(RuntimeError):
