@@ -6,11 +6,12 @@ import math
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import psycopg
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import get_settings
@@ -51,6 +52,12 @@ def make_engine(url: str, *, statement_timeout_seconds: float = 0) -> Engine:
     )
 
 
+def driver_connection(connection: Connection) -> psycopg.Connection[Any]:
+    """The psycopg connection under a SQLAlchemy one, in its transaction (if it has one): for
+    what SQLAlchemy has no words for, such as COPY."""
+    return cast("psycopg.Connection[Any]", connection.connection.driver_connection)
+
+
 def _database_url() -> str:
     url = get_settings().database_url
     if not url:
@@ -85,9 +92,14 @@ def session_scope() -> Iterator[Session]:
         yield session
 
 
-def migrate(url: str) -> None:
-    """Bring the database to the newest schema."""
+def alembic_config(url: str) -> Config:
+    """Alembic's configuration for the database at `url`, with this project's migrations."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
-    command.upgrade(config, "head")
+    return config
+
+
+def migrate(url: str, revision: str = "head") -> None:
+    """Bring the database to the newest schema, or to `revision`."""
+    command.upgrade(alembic_config(url), revision)

@@ -247,22 +247,10 @@ def run_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
         row = session.get(Chunk, (chunk.job_id, chunk.index), with_for_update=True)
         if row is None or row.status == ChunkStatus.DONE:
             return  # another worker finished it while this one was away
-        repository.upsert_verdicts(
+        repository.write_verdicts(
             session,
-            [
-                {
-                    "job_id": chunk.job_id,
-                    "position": position,
-                    "category": verdict.audit.category.value,
-                    "flagged": verdict.audit.flagged,
-                    "conflict": verdict.conflict,
-                    "audit": verdict.audit.model_dump(mode="json"),
-                    "answers": {"greedy": tally.greedy, "samples": tally.samples},
-                }
-                for position, tally, verdict in zip(
-                    positions, result.tallies, result.verdicts, strict=True
-                )
-            ],
+            chunk.job_id,
+            list(zip(positions, result.verdicts, result.tallies, strict=True)),
         )
         row.status = ChunkStatus.DONE
         row.claimed_by = row.lease_expires_at = None

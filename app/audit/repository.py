@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Integer, Text, and_, bindparam, exists, func, literal, or_, select, update
+from sqlalchemy import (
+    Integer,
+    Text,
+    and_,
+    any_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.audit.domain import Exemplar, ExemplarSets, draw_exemplar_indices
+from app.audit.domain import Exemplar, ExemplarSets, Tally, draw_exemplar_indices
+from app.audit.domain import Verdict as AuditVerdict
 from app.audit.schemas import AuditConfig
 from app.datasets.domain import parse_record
+from app.db import driver_connection
 from app.models import Chunk, ChunkStatus, Example, Generation, Job, JobStatus, Verdict
 
 
@@ -270,19 +286,58 @@ def get_chunk(session: Session, job_id: uuid.UUID, index: int) -> Chunk | None:
     return session.get(Chunk, (job_id, index))
 
 
-def upsert_verdicts(session: Session, rows: Sequence[dict[str, Any]]) -> None:
-    """Write verdicts; a chunk run again overwrites its own rows instead of adding more."""
-    if not rows:
+COPY_VERDICTS = (
+    "COPY verdict (job_id, position, category, flagged, conflict, audit, answers) FROM STDIN"
+)
+
+
+def write_verdicts(
+    session: Session, job_id: uuid.UUID, verdicts: Sequence[tuple[int, AuditVerdict, Tally]]
+) -> None:
+    """Write verdicts, each (position, verdict, the answers it was judged on), with COPY; any
+    verdict already at those positions is replaced: a chunk run again rewrites its own rows
+    instead of adding more."""
+    if not verdicts:
         return
-    statement = insert(Verdict).values(list(rows))
+    positions = literal([position for position, _, _ in verdicts], ARRAY(Integer))
     session.execute(
-        statement.on_conflict_do_update(
-            index_elements=[Verdict.job_id, Verdict.position],
-            set_={
-                c: statement.excluded[c]
-                for c in ("category", "flagged", "conflict", "audit", "answers")
-            },
-        )
+        delete(Verdict).where(Verdict.job_id == job_id, Verdict.position == any_(positions))
+    )
+    cursor = driver_connection(session.connection()).cursor()
+    with cursor, cursor.copy(COPY_VERDICTS) as copy:
+        for position, verdict, tally in verdicts:
+            audit = verdict.audit
+            copy.write_row(
+                (
+                    job_id,
+                    position,
+                    audit.category.value,
+                    audit.flagged,
+                    verdict.conflict,
+                    audit.model_dump_json(),
+                    answers_json(tally),
+                )
+            )
+
+
+def answers_json(tally: Tally) -> str:
+    """The tally's answers as `verdict.answers` keeps them: each distinct answer once, in the
+    order first drawn (`texts`), then per prompt its greedy answer (`greedy`) and its samples in
+    the order drawn (`samples`), each an index into `texts`."""
+    index: dict[str, int] = {}
+    greedy = [index.setdefault(answer, len(index)) for answer in tally.greedy]
+    samples = [[index.setdefault(answer, len(index)) for answer in row] for row in tally.samples]
+    return json.dumps(
+        {"texts": list(index), "greedy": greedy, "samples": samples}, ensure_ascii=False
+    )
+
+
+def tally_from_answers(answers: Mapping[str, Any]) -> Tally:
+    """The tally whose answers `verdict.answers` holds (see `answers_json`)."""
+    texts = answers["texts"]
+    return Tally(
+        [texts[i] for i in answers["greedy"]],
+        [[texts[i] for i in row] for row in answers["samples"]],
     )
 
 
