@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, cast
@@ -50,6 +51,16 @@ def make_engine(url: str, *, statement_timeout_seconds: float = 0) -> Engine:
         pool_timeout=settings.db_pool_timeout_seconds,
         connect_args=connect_args,
     )
+
+
+@contextmanager
+def autocommit_connection(sessions: sessionmaker[Session]) -> Iterator[Connection]:
+    """A connection of the sessions' pool on which each statement commits by itself. Held through
+    a chunk's engine calls, it spares each cache read and write a connection check-out (and its
+    ping) and a transaction, and leaves no transaction open while the engine generates; the pool
+    takes it back in its usual mode."""
+    with sessions() as session:
+        yield session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
 
 
 def driver_connection(connection: Connection) -> psycopg.Connection[Any]:

@@ -12,19 +12,20 @@ import pytest
 from alembic import command
 from hypothesis import given
 from hypothesis import strategies as st
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit.domain import Tally, judge
 from app.audit.repository import (
+    SqlGenerationStore,
     answers_json,
     tally_from_answers,
     write_verdicts,
 )
 from app.audit.schemas import AuditConfig, Category
 from app.datasets.domain import Example
-from app.db import alembic_config, migrate
-from app.models import Dataset, Job, Verdict
+from app.db import alembic_config, autocommit_connection, driver_connection, migrate
+from app.models import Dataset, Generation, Job, Verdict
 from tests.conftest import fresh_database, new_workspace
 
 CONFIG = AuditConfig()
@@ -61,6 +62,28 @@ answer_texts = st.text(alphabet=st.sampled_from(["a", "b", "é", '"', "\\", " ",
 def test_every_tally_comes_back_as_it_was(answers: tuple[list[str], list[list[str]]]) -> None:
     tally = Tally(*answers)
     assert tally_from_answers(json.loads(answers_json(tally))) == tally
+
+
+def test_the_cache_commits_each_write_at_once_and_keeps_the_first_answers(
+    sessions: sessionmaker[Session],
+) -> None:
+    first, second, unknown = (bytes([i]) * 32 for i in range(3))
+    with autocommit_connection(sessions) as connection:
+        store = SqlGenerationStore(connection)
+        store.put_many("student", {first: ["Paris", 'Zürich "x"'], second: []})
+        store.put_many("student", {first: ["Lyon", "Lyon"]})
+        # Nothing waits in a transaction: another session sees both rows.
+        assert (
+            driver_connection(connection).info.transaction_status
+            == psycopg.pq.TransactionStatus.IDLE
+        )
+        with sessions() as other:
+            assert other.scalar(select(func.count()).select_from(Generation)) == 2
+        assert store.get_many([first, second, unknown]) == {
+            first: ["Paris", 'Zürich "x"'],
+            second: [],
+        }
+        assert store.get_many([]) == {}
 
 
 @pytest.fixture

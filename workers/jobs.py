@@ -28,6 +28,7 @@ from app.audit.domain import exemplar_sets_from_json, exemplar_sets_to_json
 from app.audit.schemas import AuditConfig
 from app.datasets import service as datasets_service
 from app.datasets.domain import Example, parse_record
+from app.db import autocommit_connection
 from app.jobs import lifecycle
 from app.jobs.service import build_report
 from app.logs import job_logging
@@ -225,10 +226,10 @@ def run_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
         examples = [to_example(row, record_format) for row in rows]
 
     started = time.monotonic()
-    with Lease(worker, chunk) as lease:
+    with autocommit_connection(worker.sessions) as connection, Lease(worker, chunk) as lease:
         engine = CachedEngine(
             load_engine(worker, student),
-            repository.SqlGenerationStore(worker.sessions),
+            repository.SqlGenerationStore(connection),
             namespace=namespace,
         )
         result = audit_batch(

@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import (
+    Connection,
     Integer,
     Text,
     and_,
@@ -24,14 +25,14 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, insert
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from app.audit.domain import Exemplar, ExemplarSets, Tally, draw_exemplar_indices
 from app.audit.domain import Verdict as AuditVerdict
 from app.audit.schemas import AuditConfig
 from app.datasets.domain import parse_record
 from app.db import driver_connection
-from app.models import Chunk, ChunkStatus, Example, Generation, Job, JobStatus, Verdict
+from app.models import Chunk, ChunkStatus, Example, Job, JobStatus, Verdict
 
 
 def lock_job(session: Session, job_id: uuid.UUID) -> Job | None:
@@ -341,28 +342,38 @@ def tally_from_answers(answers: Mapping[str, Any]) -> Tally:
     )
 
 
-class SqlGenerationStore:
-    """The generation cache in PostgreSQL, each read and write a short transaction of its own:
-    what the engine made is committed at once, so a chunk that dies halfway resumes from it."""
+# Keys and rows travel as one JSON parameter (keys in hex): psycopg writes an array parameter
+# element by element in Python, but a JSON text in one call of `json.dumps`.
+GET_GENERATIONS = """
+SELECT key, texts FROM generation
+WHERE key IN (SELECT decode(wanted, 'hex') FROM json_array_elements_text(%s::json) AS wanted)
+"""
+PUT_GENERATIONS = """
+WITH unsynced AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))
+INSERT INTO generation (key, model_id, texts)
+SELECT decode(new ->> 0, 'hex'), %s, new -> 1 FROM unsynced, json_array_elements(%s::json) AS new
+ON CONFLICT (key) DO NOTHING
+"""
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self.sessions = sessions
+
+class SqlGenerationStore:
+    """The generation cache in PostgreSQL, on a connection in autocommit mode: each read and
+    write is one statement, a transaction of its own, so what the engine made is committed at
+    once (a chunk that dies halfway resumes from it) and no transaction stays open while the
+    engine generates.
+
+    A write commits without waiting for the disk (`synchronous_commit` off, for its own
+    transaction alone): a database that crashes may lose the last fraction of a second of cache
+    rows, which are then generated again; the wait would cost more than the write itself.
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = driver_connection(connection)
 
     def get_many(self, keys: Sequence[bytes]) -> Mapping[bytes, list[str]]:
-        found: dict[bytes, list[str]] = {}
-        with self.sessions() as session:
-            for start in range(0, len(keys), 5000):
-                batch = keys[start : start + 5000]
-                rows = session.execute(
-                    select(Generation.key, Generation.texts).where(Generation.key.in_(batch))
-                )
-                found.update({key: texts for key, texts in rows})
-        return found
+        hex_keys = json.dumps([key.hex() for key in keys])
+        return dict(self.connection.execute(GET_GENERATIONS, (hex_keys,)).fetchall())
 
     def put_many(self, model_id: str, items: Mapping[bytes, list[str]]) -> None:
-        rows = [{"key": k, "model_id": model_id, "texts": v} for k, v in items.items()]
-        with self.sessions.begin() as session:
-            for start in range(0, len(rows), 5000):
-                session.execute(
-                    insert(Generation).values(rows[start : start + 5000]).on_conflict_do_nothing()
-                )
+        rows = json.dumps([(key.hex(), texts) for key, texts in items.items()], ensure_ascii=False)
+        self.connection.execute(PUT_GENERATIONS, (model_id, rows))
