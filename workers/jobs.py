@@ -21,6 +21,7 @@ import kombu.exceptions
 import psycopg
 import redis
 import sqlalchemy.exc
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit import repository
@@ -226,7 +227,10 @@ def run_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
         examples = [to_example(row, record_format) for row in rows]
 
     started = time.monotonic()
-    with autocommit_connection(worker.sessions) as connection, Lease(worker, chunk) as lease:
+    with (
+        autocommit_connection(worker.sessions) as connection,
+        Lease(worker, chunk, connection) as lease,
+    ):
         engine = CachedEngine(
             load_engine(worker, student),
             repository.SqlGenerationStore(connection),
@@ -300,12 +304,16 @@ class Lease:
     """Keeps a claimed chunk's lease alive while the worker generates, from a thread of its own.
 
     `check()` is the runner's checkpoint between engine calls: it raises `Stopped` once the job
-    is no longer running (a cancel) or the lease went to another worker.
+    is no longer running (a cancel) or the lease went to another worker. It reads on
+    `connection`, the chunk's own (in autocommit mode), and leaves renewing to the thread.
     """
 
-    def __init__(self, worker: Worker, chunk: repository.ClaimedChunk) -> None:
+    def __init__(
+        self, worker: Worker, chunk: repository.ClaimedChunk, connection: Connection
+    ) -> None:
         self.worker = worker
         self.chunk = chunk
+        self.connection = connection
         self.lost: str | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="lease", daemon=True)
@@ -331,15 +339,19 @@ class Lease:
             status = repository.renew_lease(
                 session, self.chunk, self.worker.name, self.worker.settings.lease_seconds
             )
+        self._note(status)
+
+    def check(self) -> None:
+        self._note(repository.held_job_status(self.connection, self.chunk, self.worker.name))
+        if self.lost:
+            raise Stopped(self.lost)
+
+    def _note(self, status: JobStatus | None) -> None:
+        """Take note of the job's status, None when the lease is no longer this worker's."""
         if status is None:
             self.lost = "its lease went to another worker"
         elif status != JobStatus.RUNNING:
             self.lost = f"the job is {status.value}"
-
-    def check(self) -> None:
-        self.renew()
-        if self.lost:
-            raise Stopped(self.lost)
 
 
 # --- the end of a job -------------------------------------------------------------------------

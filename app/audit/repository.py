@@ -111,6 +111,26 @@ def claim_chunk(
     return ClaimedChunk(*row) if row else None
 
 
+HELD_JOB_STATUS = select(Job.status).where(
+    Job.id == bindparam("job_id"),
+    exists().where(
+        Chunk.job_id == bindparam("job_id"),
+        Chunk.index == bindparam("index"),
+        Chunk.claimed_by == bindparam("worker"),
+        Chunk.status == ChunkStatus.PENDING,
+    ),
+)
+"""Built once: it is read between every two engine calls."""
+
+
+def held_job_status(connection: Connection, chunk: ClaimedChunk, worker: str) -> JobStatus | None:
+    """The job's status while `worker` still holds the chunk, else None: what `renew_lease`
+    tells, read without renewing."""
+    return connection.scalar(
+        HELD_JOB_STATUS, {"job_id": chunk.job_id, "index": chunk.index, "worker": worker}
+    )
+
+
 def renew_lease(
     session: Session, chunk: ClaimedChunk, worker: str, lease_seconds: float
 ) -> JobStatus | None:
