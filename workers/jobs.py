@@ -370,10 +370,12 @@ def finalize_when_done(worker: Worker, job_id: uuid.UUID) -> None:
 def finalize_job(worker: Worker, job_id: uuid.UUID) -> None:
     """Write the report and mark the job succeeded, once every chunk is done."""
     with worker.sessions.begin() as session:
+        # Asked before the lock, which every chunk's end would otherwise take in turn: a chunk
+        # that is done stays done, so the answer holds.
+        if repository.has_pending_chunks(session, job_id):
+            return
         job = repository.lock_job(session, job_id)
         if job is None or job.status != JobStatus.RUNNING:
-            return
-        if repository.has_pending_chunks(session, job_id):
             return
         lifecycle.succeed(job)
         report = build_report(session, job)
