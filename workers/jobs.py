@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -22,10 +22,10 @@ import psycopg
 import redis
 import sqlalchemy.exc
 from sqlalchemy import Connection
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, defer, sessionmaker
 
 from app.audit import repository
-from app.audit.domain import exemplar_sets_from_json, exemplar_sets_to_json
+from app.audit.domain import ExemplarSets, exemplar_sets_from_json, exemplar_sets_to_json
 from app.audit.schemas import AuditConfig
 from app.datasets import service as datasets_service
 from app.datasets.domain import Example, parse_record
@@ -78,6 +78,22 @@ class PermanentError(Exception):
     """A fault that trying again will not mend; its message is shown to users."""
 
 
+class ExemplarSetsCache:
+    """The exemplar sets of the job whose chunks a worker ran last. A job's sets never change
+    once it is planned, and reading and parsing them again for each chunk (a job with many
+    groups holds thousands of exemplars) costs more than the chunk's own writes."""
+
+    def __init__(self) -> None:
+        self._job_id: uuid.UUID | None = None
+        self._sets: ExemplarSets = {}
+
+    def of(self, session: Session, job_id: uuid.UUID) -> ExemplarSets:
+        if job_id != self._job_id:
+            self._sets = exemplar_sets_from_json(repository.exemplar_sets_json(session, job_id))
+            self._job_id = job_id
+        return self._sets
+
+
 @dataclass(frozen=True)
 class Worker:
     """What a worker's steps need: its name (who holds a lease), and its dependencies."""
@@ -87,6 +103,7 @@ class Worker:
     engine_for: EngineFactory
     queue: Queue
     settings: Settings
+    exemplar_sets: ExemplarSetsCache = field(default_factory=ExemplarSetsCache)
 
 
 def hint(queue: Queue, count: int) -> None:
@@ -214,13 +231,13 @@ def run_claimed_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
 def run_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
     """Audit the chunk's examples and write their verdicts: read, generate, write, each apart."""
     with worker.sessions() as session:
-        job = session.get(Job, chunk.job_id)
+        job = session.get(Job, chunk.job_id, options=[defer(Job.exemplar_sets)])
         if job is None or job.status != JobStatus.RUNNING:
             raise Stopped(f"the job is {job.status.value if job else 'gone'}")
         config = AuditConfig.model_validate(job.config)
         student = dict(job.student)
         namespace = str(job.workspace_id)
-        sets = exemplar_sets_from_json(job.exemplar_sets or {})
+        sets = worker.exemplar_sets.of(session, job.id)
         record_format = datasets_service.record_format(session, job.dataset_id)
         rows = list(repository.iter_examples(session, job.dataset_id, chunk.start, chunk.stop))
         positions = [row.position for row in rows]

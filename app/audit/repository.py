@@ -210,6 +210,11 @@ def iter_examples(
     yield from session.scalars(query.execution_options(yield_per=5000))
 
 
+def exemplar_sets_json(session: Session, job_id: uuid.UUID) -> dict[str, Any]:
+    """The job's exemplar sets as its planning stored them."""
+    return session.scalar(select(Job.exemplar_sets).where(Job.id == job_id)) or {}
+
+
 def draw_exemplar_sets(
     session: Session, dataset_id: uuid.UUID, record_format: str, config: AuditConfig
 ) -> ExemplarSets:
