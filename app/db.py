@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import psycopg
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import get_settings
@@ -26,16 +28,13 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
-def make_engine(
-    url: str, *, statement_timeout_seconds: float = 0, keep_overflow: bool = False
-) -> Engine:
+def make_engine(url: str, *, statement_timeout_seconds: float = 0) -> Engine:
     """An engine whose pool the settings size.
 
     Getting a connection, from the pool or a new one, fails after `db_pool_timeout_seconds`
     (libpq waits at least 2 s for a new one): a request on a saturated or unreachable database
     gets an error the API answers with 503, instead of holding its thread for 30 s. Statements
-    run at most `statement_timeout_seconds` (0: no limit). With `keep_overflow`, connections
-    opened beyond `db_pool_size` are kept too, instead of being closed as they come back.
+    run at most `statement_timeout_seconds` (0: no limit).
     """
     settings = get_settings()
     connect_args: dict[str, Any] = {
@@ -47,11 +46,27 @@ def make_engine(
     return create_engine(
         sqlalchemy_url(url),
         pool_pre_ping=True,  # a connection PostgreSQL closed (restarted) is replaced unseen
-        pool_size=settings.db_pool_size + (settings.db_max_overflow if keep_overflow else 0),
-        max_overflow=0 if keep_overflow else settings.db_max_overflow,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_seconds,
         connect_args=connect_args,
     )
+
+
+@contextmanager
+def autocommit_connection(sessions: sessionmaker[Session]) -> Iterator[Connection]:
+    """A connection of the sessions' pool on which each statement commits by itself. Held through
+    a chunk's engine calls, it spares each cache read and write a connection check-out (and its
+    ping) and a transaction, and leaves no transaction open while the engine generates; the pool
+    takes it back in its usual mode."""
+    with sessions() as session:
+        yield session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+
+
+def driver_connection(connection: Connection) -> psycopg.Connection[Any]:
+    """The psycopg connection under a SQLAlchemy one, in its transaction (if it has one): for
+    what SQLAlchemy has no words for, such as COPY."""
+    return cast("psycopg.Connection[Any]", connection.connection.driver_connection)
 
 
 def _database_url() -> str:
@@ -74,18 +89,10 @@ def get_sessionmaker() -> sessionmaker[Session]:
 
 @lru_cache
 def get_api_sessionmaker() -> sessionmaker[Session]:
-    """Sessions of API requests, whose statements time out (`db_statement_timeout_seconds`).
-
-    The pool keeps its overflow: `app.main.RequestSlots` runs as many requests at once as
-    pool and overflow have connections, so under load the overflow is in use all the time, and
-    closing a connection each time one comes back, to open another a moment later, would cost
-    PostgreSQL a new process each time.
-    """
+    """Sessions of API requests, whose statements time out (`db_statement_timeout_seconds`)."""
     settings = get_settings()
     engine = make_engine(
-        _database_url(),
-        statement_timeout_seconds=settings.db_statement_timeout_seconds,
-        keep_overflow=True,
+        _database_url(), statement_timeout_seconds=settings.db_statement_timeout_seconds
     )
     return sessionmaker(engine, expire_on_commit=False)
 
@@ -96,9 +103,14 @@ def session_scope() -> Iterator[Session]:
         yield session
 
 
-def migrate(url: str, revision: str = "head") -> None:
-    """Bring the database to the newest schema (or to `revision`)."""
+def alembic_config(url: str) -> Config:
+    """Alembic's configuration for the database at `url`, with this project's migrations."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
-    command.upgrade(config, revision)
+    return config
+
+
+def migrate(url: str, revision: str = "head") -> None:
+    """Bring the database to the newest schema, or to `revision`."""
+    command.upgrade(alembic_config(url), revision)

@@ -194,7 +194,7 @@ class Chunk(Base):
 
 
 class Verdict(Base):
-    """One example's audit within a job; written with upserts, so a retried chunk rewrites it."""
+    """One example's audit within a job; a chunk run again replaces its chunk's verdicts."""
 
     __tablename__ = "verdict"
 
@@ -206,18 +206,23 @@ class Verdict(Base):
     flagged: Mapped[bool] = mapped_column(Boolean)
     conflict: Mapped[bool] = mapped_column(Boolean)
     audit: Mapped[dict[str, Any]]
-    answers: Mapped[dict[str, Any]]
-    """The student's answers (greedy and sampled, per prompt): re-scoring needs no model."""
+    answers: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """Every answer of the student (greedy and sampled, per prompt), so re-scoring needs no
+    model: `{"texts": [...], "greedy": [...], "samples": [[...], ...]}`, each distinct answer
+    once in `texts` and the others as indices into it (see `app.audit.repository.answers_json`).
+    JSON, not JSONB: written and read whole, never queried inside."""
 
     __table_args__ = (Index("ix_verdict_job_category", "job_id", "category", "position"),)
 
 
 class Generation(Base):
-    """The generation cache: completions by (student model and revision, prompt, options)."""
+    """The generation cache: completions by (namespace, student model and revision, prompt,
+    options, draw), hashed into `key` (see `workers.engines.cached`)."""
 
     __tablename__ = "generation"
 
     key: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
     model_id: Mapped[str] = mapped_column(Text)
-    texts: Mapped[list[Any]]
+    texts: Mapped[list[Any]] = mapped_column(JSON)
+    """JSON, not JSONB: written and read whole, never queried inside."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

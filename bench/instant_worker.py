@@ -10,13 +10,19 @@ cache, the runner, the verdict upserts and the finalize step, whatever its `stud
 The student answers questions of the form "What is number <i>?" (the query at the end of the
 prompt): `<i>` when i is even, `WRONG_ANSWER` when it is odd. So even examples are HighlyKnown
 and odd ones Unknown, in both modes. Any other question gets `WRONG_ANSWER`.
+
+With `BENCH_WORKER_TIMINGS=FILE` in its environment, the worker also times its units of work and
+the scoring rules within them, and writes the totals (`WorkerTimings`) to FILE after each unit.
 """
 
 from __future__ import annotations
 
-import re
+import json
+import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +30,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from kma.cli.parser import main  # noqa: E402
-from workers import tasks  # noqa: E402
+from workers import jobs, runner, tasks  # noqa: E402
 from workers.engines.base import GenerationRequest, GenerationResult  # noqa: E402
 
+TIMINGS_ENV = "BENCH_WORKER_TIMINGS"
 WRONG_ANSWER = "forty-two"
-QUERY = re.compile(r"number (\d+)\?\s*A:\s*$")
 
 
 class InstantEngine:
@@ -49,10 +55,11 @@ class InstantEngine:
 
 
 def answer(prompt: str) -> str:
-    found = QUERY.search(prompt)
-    if found is None or int(found[1]) % 2:
+    # String methods, not a regular expression: the engine should cost next to nothing.
+    number, mark, rest = prompt.rpartition("number ")[2].partition("?")
+    if not (number.isdigit() and mark and rest.strip() == "A:") or int(number) % 2:
         return WRONG_ANSWER
-    return found[1]
+    return number
 
 
 def instant_engine_for(student: dict[str, Any]) -> InstantEngine:
@@ -61,9 +68,55 @@ def instant_engine_for(student: dict[str, Any]) -> InstantEngine:
     return InstantEngine(f"instant:{student['model']}")
 
 
+@dataclass
+class WorkerTimings:
+    busy_s: float = 0.0
+    """Seconds in units of work: planning a job, or a chunk with the finalize step after it."""
+    busy_cpu_s: float = 0.0
+    """CPU seconds of the thread doing them, in them."""
+    scoring_s: float = 0.0
+    """Of the busy seconds, those in the scoring rules the runner calls (`score`, `judge`)."""
+    scoring_cpu_s: float = 0.0
+    units: int = 0
+    """Units of work asked for, those that found none included."""
+
+
+def record_timings(path: Path) -> None:
+    """Time every unit of work, and the scoring within it; write the totals to `path` after each."""
+    timings = WorkerTimings()
+    work_once = jobs.work_once
+
+    def timed_work_once(worker: jobs.Worker) -> bool:
+        started, started_cpu = time.perf_counter(), time.thread_time()
+        try:
+            return work_once(worker)
+        finally:
+            timings.busy_s += time.perf_counter() - started
+            timings.busy_cpu_s += time.thread_time() - started_cpu
+            timings.units += 1
+            path.write_text(json.dumps(asdict(timings)))
+
+    def timed(rule: Callable[..., Any]) -> Callable[..., Any]:
+        def timed_rule(*args: Any) -> Any:
+            started, started_cpu = time.perf_counter(), time.thread_time()
+            try:
+                return rule(*args)
+            finally:
+                timings.scoring_s += time.perf_counter() - started
+                timings.scoring_cpu_s += time.thread_time() - started_cpu
+
+        return timed_rule
+
+    jobs.work_once = timed_work_once
+    runner.score = timed(runner.score)  # type: ignore[attr-defined]
+    runner.judge = timed(runner.judge)  # type: ignore[attr-defined]
+
+
 def run(argv: list[str]) -> int:
     # Before the worker starts: `tasks.this_worker()` reads the factory when it first runs.
     tasks.engine_for = instant_engine_for
+    if path := os.environ.get(TIMINGS_ENV):
+        record_timings(Path(path))
     return main(["worker", *argv])
 
 

@@ -29,7 +29,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,10 +98,16 @@ def broker(work_dir: Path) -> Iterator[tuple[str, str]]:
 
 @contextmanager
 def worker_process(
-    database_url: str, broker_url: str, log_path: Path
+    database_url: str, broker_url: str, log_path: Path, env: Mapping[str, str] | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """`python -m bench.instant_worker` as its own process, ready; stopped on exit."""
-    env = {**os.environ, "KMA_DATABASE_URL": database_url, "KMA_BROKER_URL": broker_url}
+    """`python -m bench.instant_worker` as its own process, with `env` added to this one's,
+    ready; stopped on exit."""
+    env = {
+        **os.environ,
+        **(env or {}),
+        "KMA_DATABASE_URL": database_url,
+        "KMA_BROKER_URL": broker_url,
+    }
     command = [sys.executable, "-m", "bench.instant_worker", "--hostname", "bench@%h"]
     with log_path.open("wb") as log:
         worker = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from app.audit.domain import Message
 from workers.engines.base import GenerationRequest, SamplingOptions, render_chat, starts_with_bos
-from workers.engines.cached import cache_key
+from workers.engines.cached import cache_key, key_prefix
 
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
@@ -36,9 +36,8 @@ def chat_student(student_dir: Path, tmp_path: Path) -> Path:
 
 
 def test_chat_and_plain_requests_are_cached_apart() -> None:
-    plain = GenerationRequest(PROMPT, SamplingOptions())
-    chat = GenerationRequest(CHAT, SamplingOptions())
-    assert cache_key("", "student", plain) != cache_key("", "student", chat)
+    prefix = key_prefix("", "student", SamplingOptions())
+    assert cache_key(prefix, PROMPT, 0) != cache_key(prefix, CHAT, 0)
 
 
 def test_the_messages_are_rendered_in_the_template(chat_student: Path) -> None:

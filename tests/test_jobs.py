@@ -16,7 +16,8 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.audit.repository import claim_chunk
+from app.audit.domain import Tally
+from app.audit.repository import claim_chunk, tally_from_answers
 from app.audit.schemas import AuditConfig, Category, Report
 from app.jobs import lifecycle
 from app.models import Chunk, Dataset, Example, Generation, Job, JobStatus, Verdict
@@ -149,6 +150,21 @@ def test_a_job_runs_to_success(sessions: sessionmaker[Session], engine: FakeEngi
     assert report.conflicts == 5  # the fake answers 7777 every time
     assert report.generations == report.generations_used == 5 * 10 + 5 * 170
     assert report.student.model == "fake"
+
+
+def test_verdicts_keep_every_answer_the_student_gave(
+    sessions: sessionmaker[Session], engine: FakeEngine
+) -> None:
+    job_id = make_job(sessions, 4, mode="full")
+    run_all(make_worker(sessions, lambda student: engine))
+    with sessions() as session:
+        verdicts = session.scalars(
+            select(Verdict).where(Verdict.job_id == job_id).order_by(Verdict.position)
+        ).all()
+    assert [tally_from_answers(v.answers) for v in verdicts] == [
+        Tally([answer] * 10, [[answer] * 16 for _ in range(10)])
+        for answer in ("0", "7777", "2", "7777")
+    ]
 
 
 def test_a_second_identical_job_generates_nothing(

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -21,13 +21,15 @@ import kombu.exceptions
 import psycopg
 import redis
 import sqlalchemy.exc
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Connection
+from sqlalchemy.orm import Session, defer, sessionmaker
 
 from app.audit import repository
-from app.audit.domain import exemplar_sets_from_json, exemplar_sets_to_json
+from app.audit.domain import ExemplarSets, exemplar_sets_from_json, exemplar_sets_to_json
 from app.audit.schemas import AuditConfig
 from app.datasets import service as datasets_service
 from app.datasets.domain import Example, parse_record
+from app.db import autocommit_connection
 from app.jobs import lifecycle
 from app.jobs.repository import count_chunk
 from app.jobs.service import build_report
@@ -77,6 +79,22 @@ class PermanentError(Exception):
     """A fault that trying again will not mend; its message is shown to users."""
 
 
+class ExemplarSetsCache:
+    """The exemplar sets of the job whose chunks a worker ran last. A job's sets never change
+    once it is planned, and reading and parsing them again for each chunk (a job with many
+    groups holds thousands of exemplars) costs more than the chunk's own writes."""
+
+    def __init__(self) -> None:
+        self._job_id: uuid.UUID | None = None
+        self._sets: ExemplarSets = {}
+
+    def of(self, session: Session, job_id: uuid.UUID) -> ExemplarSets:
+        if job_id != self._job_id:
+            self._sets = exemplar_sets_from_json(repository.exemplar_sets_json(session, job_id))
+            self._job_id = job_id
+        return self._sets
+
+
 @dataclass(frozen=True)
 class Worker:
     """What a worker's steps need: its name (who holds a lease), and its dependencies."""
@@ -86,6 +104,7 @@ class Worker:
     engine_for: EngineFactory
     queue: Queue
     settings: Settings
+    exemplar_sets: ExemplarSetsCache = field(default_factory=ExemplarSetsCache)
 
 
 def hint(queue: Queue, count: int) -> None:
@@ -213,23 +232,26 @@ def run_claimed_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
 def run_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
     """Audit the chunk's examples and write their verdicts: read, generate, write, each apart."""
     with worker.sessions() as session:
-        job = session.get(Job, chunk.job_id)
+        job = session.get(Job, chunk.job_id, options=[defer(Job.exemplar_sets)])
         if job is None or job.status != JobStatus.RUNNING:
             raise Stopped(f"the job is {job.status.value if job else 'gone'}")
         config = AuditConfig.model_validate(job.config)
         student = dict(job.student)
         namespace = str(job.workspace_id)
-        sets = exemplar_sets_from_json(job.exemplar_sets or {})
+        sets = worker.exemplar_sets.of(session, job.id)
         record_format = datasets_service.record_format(session, job.dataset_id)
         rows = list(repository.iter_examples(session, job.dataset_id, chunk.start, chunk.stop))
         positions = [row.position for row in rows]
         examples = [to_example(row, record_format) for row in rows]
 
     started = time.monotonic()
-    with Lease(worker, chunk) as lease:
+    with (
+        autocommit_connection(worker.sessions) as connection,
+        Lease(worker, chunk, connection) as lease,
+    ):
         engine = CachedEngine(
             load_engine(worker, student),
-            repository.SqlGenerationStore(worker.sessions),
+            repository.SqlGenerationStore(connection),
             namespace=namespace,
         )
         result = audit_batch(
@@ -248,22 +270,10 @@ def run_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
         row = session.get(Chunk, (chunk.job_id, chunk.index), with_for_update=True)
         if row is None or row.status == ChunkStatus.DONE:
             return  # another worker finished it while this one was away
-        repository.upsert_verdicts(
+        repository.write_verdicts(
             session,
-            [
-                {
-                    "job_id": chunk.job_id,
-                    "position": position,
-                    "category": verdict.audit.category.value,
-                    "flagged": verdict.audit.flagged,
-                    "conflict": verdict.conflict,
-                    "audit": verdict.audit.model_dump(mode="json"),
-                    "answers": {"greedy": tally.greedy, "samples": tally.samples},
-                }
-                for position, tally, verdict in zip(
-                    positions, result.tallies, result.verdicts, strict=True
-                )
-            ],
+            chunk.job_id,
+            list(zip(positions, result.verdicts, result.tallies, strict=True)),
         )
         row.status = ChunkStatus.DONE
         row.claimed_by = row.lease_expires_at = None
@@ -313,12 +323,16 @@ class Lease:
     """Keeps a claimed chunk's lease alive while the worker generates, from a thread of its own.
 
     `check()` is the runner's checkpoint between engine calls: it raises `Stopped` once the job
-    is no longer running (a cancel) or the lease went to another worker.
+    is no longer running (a cancel) or the lease went to another worker. It reads on
+    `connection`, the chunk's own (in autocommit mode), and leaves renewing to the thread.
     """
 
-    def __init__(self, worker: Worker, chunk: repository.ClaimedChunk) -> None:
+    def __init__(
+        self, worker: Worker, chunk: repository.ClaimedChunk, connection: Connection
+    ) -> None:
         self.worker = worker
         self.chunk = chunk
+        self.connection = connection
         self.lost: str | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="lease", daemon=True)
@@ -344,15 +358,19 @@ class Lease:
             status = repository.renew_lease(
                 session, self.chunk, self.worker.name, self.worker.settings.lease_seconds
             )
+        self._note(status)
+
+    def check(self) -> None:
+        self._note(repository.held_job_status(self.connection, self.chunk, self.worker.name))
+        if self.lost:
+            raise Stopped(self.lost)
+
+    def _note(self, status: JobStatus | None) -> None:
+        """Take note of the job's status, None when the lease is no longer this worker's."""
         if status is None:
             self.lost = "its lease went to another worker"
         elif status != JobStatus.RUNNING:
             self.lost = f"the job is {status.value}"
-
-    def check(self) -> None:
-        self.renew()
-        if self.lost:
-            raise Stopped(self.lost)
 
 
 # --- the end of a job -------------------------------------------------------------------------
@@ -371,10 +389,12 @@ def finalize_when_done(worker: Worker, job_id: uuid.UUID) -> None:
 def finalize_job(worker: Worker, job_id: uuid.UUID) -> None:
     """Write the report and mark the job succeeded, once every chunk is done."""
     with worker.sessions.begin() as session:
+        # Asked before the lock, which every chunk's end would otherwise take in turn: a chunk
+        # that is done stays done, so the answer holds.
+        if repository.has_pending_chunks(session, job_id):
+            return
         job = repository.lock_job(session, job_id)
         if job is None or job.status != JobStatus.RUNNING:
-            return
-        if repository.has_pending_chunks(session, job_id):
             return
         lifecycle.succeed(job)
         report = build_report(session, job)

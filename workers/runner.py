@@ -145,9 +145,7 @@ def audit_batch(
             break
         options = {more: sample_options(config, more) for _, _, more in wanted}
         requests = [
-            GenerationRequest(p, options[more], draw=drawn)
-            for i, drawn, more in wanted
-            for p in prompts[i]
+            GenerationRequest(p, options[more]) for i, drawn, more in wanted for p in prompts[i]
         ]
         results = iter(stats.call(engine, requests, call_generations, checkpoint))
         for i, drawn, more in wanted:

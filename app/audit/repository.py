@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Integer, Text, and_, bindparam, exists, func, literal, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Integer,
+    Text,
+    and_,
+    any_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY, insert
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from app.audit.domain import Exemplar, ExemplarSets, draw_exemplar_indices
+from app.audit.domain import Exemplar, ExemplarSets, Tally, draw_exemplar_indices
+from app.audit.domain import Verdict as AuditVerdict
 from app.audit.schemas import AuditConfig
 from app.datasets.domain import parse_record
-from app.models import Chunk, ChunkStatus, Example, Generation, Job, JobStatus, Verdict
+from app.db import driver_connection
+from app.models import Chunk, ChunkStatus, Example, Job, JobStatus, Verdict
 
 
 def lock_job(session: Session, job_id: uuid.UUID) -> Job | None:
@@ -98,6 +115,26 @@ def claim_chunk(
     return ClaimedChunk(*row) if row else None
 
 
+HELD_JOB_STATUS = select(Job.status).where(
+    Job.id == bindparam("job_id"),
+    exists().where(
+        Chunk.job_id == bindparam("job_id"),
+        Chunk.index == bindparam("index"),
+        Chunk.claimed_by == bindparam("worker"),
+        Chunk.status == ChunkStatus.PENDING,
+    ),
+)
+"""Built once: it is read between every two engine calls."""
+
+
+def held_job_status(connection: Connection, chunk: ClaimedChunk, worker: str) -> JobStatus | None:
+    """The job's status while `worker` still holds the chunk, else None: what `renew_lease`
+    tells, read without renewing."""
+    return connection.scalar(
+        HELD_JOB_STATUS, {"job_id": chunk.job_id, "index": chunk.index, "worker": worker}
+    )
+
+
 def renew_lease(
     session: Session, chunk: ClaimedChunk, worker: str, lease_seconds: float
 ) -> JobStatus | None:
@@ -175,6 +212,11 @@ def iter_examples(
     if stop is not None:
         query = query.where(Example.position < stop)
     yield from session.scalars(query.execution_options(yield_per=5000))
+
+
+def exemplar_sets_json(session: Session, job_id: uuid.UUID) -> dict[str, Any]:
+    """The job's exemplar sets as its planning stored them."""
+    return session.scalar(select(Job.exemplar_sets).where(Job.id == job_id)) or {}
 
 
 def draw_exemplar_sets(
@@ -274,44 +316,93 @@ def get_chunk(session: Session, job_id: uuid.UUID, index: int) -> Chunk | None:
     return session.get(Chunk, (job_id, index))
 
 
-def upsert_verdicts(session: Session, rows: Sequence[dict[str, Any]]) -> None:
-    """Write verdicts; a chunk run again overwrites its own rows instead of adding more."""
-    if not rows:
+COPY_VERDICTS = (
+    "COPY verdict (job_id, position, category, flagged, conflict, audit, answers) FROM STDIN"
+)
+
+
+def write_verdicts(
+    session: Session, job_id: uuid.UUID, verdicts: Sequence[tuple[int, AuditVerdict, Tally]]
+) -> None:
+    """Write verdicts, each (position, verdict, the answers it was judged on), with COPY; any
+    verdict already at those positions is replaced: a chunk run again rewrites its own rows
+    instead of adding more."""
+    if not verdicts:
         return
-    statement = insert(Verdict).values(list(rows))
+    positions = literal([position for position, _, _ in verdicts], ARRAY(Integer))
     session.execute(
-        statement.on_conflict_do_update(
-            index_elements=[Verdict.job_id, Verdict.position],
-            set_={
-                c: statement.excluded[c]
-                for c in ("category", "flagged", "conflict", "audit", "answers")
-            },
-        )
+        delete(Verdict).where(Verdict.job_id == job_id, Verdict.position == any_(positions))
+    )
+    cursor = driver_connection(session.connection()).cursor()
+    with cursor, cursor.copy(COPY_VERDICTS) as copy:
+        for position, verdict, tally in verdicts:
+            audit = verdict.audit
+            copy.write_row(
+                (
+                    job_id,
+                    position,
+                    audit.category.value,
+                    audit.flagged,
+                    verdict.conflict,
+                    audit.model_dump_json(),
+                    answers_json(tally),
+                )
+            )
+
+
+def answers_json(tally: Tally) -> str:
+    """The tally's answers as `verdict.answers` keeps them: each distinct answer once, in the
+    order first drawn (`texts`), then per prompt its greedy answer (`greedy`) and its samples in
+    the order drawn (`samples`), each an index into `texts`."""
+    index: dict[str, int] = {}
+    greedy = [index.setdefault(answer, len(index)) for answer in tally.greedy]
+    samples = [[index.setdefault(answer, len(index)) for answer in row] for row in tally.samples]
+    return json.dumps(
+        {"texts": list(index), "greedy": greedy, "samples": samples}, ensure_ascii=False
     )
 
 
-class SqlGenerationStore:
-    """The generation cache in PostgreSQL, each read and write a short transaction of its own:
-    what the engine made is committed at once, so a chunk that dies halfway resumes from it."""
+def tally_from_answers(answers: Mapping[str, Any]) -> Tally:
+    """The tally whose answers `verdict.answers` holds (see `answers_json`)."""
+    texts = answers["texts"]
+    return Tally(
+        [texts[i] for i in answers["greedy"]],
+        [[texts[i] for i in row] for row in answers["samples"]],
+    )
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self.sessions = sessions
+
+# Keys and rows travel as one JSON parameter (keys in hex): psycopg writes an array parameter
+# element by element in Python, but a JSON text in one call of `json.dumps`.
+GET_GENERATIONS = """
+SELECT key, texts FROM generation
+WHERE key IN (SELECT decode(wanted, 'hex') FROM json_array_elements_text(%s::json) AS wanted)
+"""
+PUT_GENERATIONS = """
+WITH unsynced AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))
+INSERT INTO generation (key, model_id, texts)
+SELECT decode(new ->> 0, 'hex'), %s, new -> 1 FROM unsynced, json_array_elements(%s::json) AS new
+ON CONFLICT (key) DO NOTHING
+"""
+
+
+class SqlGenerationStore:
+    """The generation cache in PostgreSQL, on a connection in autocommit mode: each read and
+    write is one statement, a transaction of its own, so what the engine made is committed at
+    once (a chunk that dies halfway resumes from it) and no transaction stays open while the
+    engine generates.
+
+    A write commits without waiting for the disk (`synchronous_commit` off, for its own
+    transaction alone): a database that crashes may lose the last fraction of a second of cache
+    rows, which are then generated again; the wait would cost more than the write itself.
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = driver_connection(connection)
 
     def get_many(self, keys: Sequence[bytes]) -> Mapping[bytes, list[str]]:
-        found: dict[bytes, list[str]] = {}
-        with self.sessions() as session:
-            for start in range(0, len(keys), 5000):
-                batch = keys[start : start + 5000]
-                rows = session.execute(
-                    select(Generation.key, Generation.texts).where(Generation.key.in_(batch))
-                )
-                found.update({key: texts for key, texts in rows})
-        return found
+        hex_keys = json.dumps([key.hex() for key in keys])
+        return dict(self.connection.execute(GET_GENERATIONS, (hex_keys,)).fetchall())
 
     def put_many(self, model_id: str, items: Mapping[bytes, list[str]]) -> None:
-        rows = [{"key": k, "model_id": model_id, "texts": v} for k, v in items.items()]
-        with self.sessions.begin() as session:
-            for start in range(0, len(rows), 5000):
-                session.execute(
-                    insert(Generation).values(rows[start : start + 5000]).on_conflict_do_nothing()
-                )
+        rows = json.dumps([(key.hex(), texts) for key, texts in items.items()], ensure_ascii=False)
+        self.connection.execute(PUT_GENERATIONS, (model_id, rows))

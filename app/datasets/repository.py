@@ -5,14 +5,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, cast
 
-import psycopg
 from psycopg.types.json import Json
 from sqlalchemy import func, select, tuple_
 from sqlalchemy.orm import Session
 
 from app.datasets.domain import LineError, Record, duplicate_id
+from app.db import driver_connection
 from app.models import Dataset, Example, Job
 
 COPY_EXAMPLES = 'COPY example (dataset_id, position, line, record_id, "group", raw) FROM STDIN'
@@ -52,7 +51,7 @@ def copy_examples(session: Session, dataset_id: uuid.UUID) -> Iterator[ExampleWr
 
     psycopg sends COPY data as its buffer fills, so memory stays flat however many rows pass.
     """
-    connection = cast("psycopg.Connection[Any]", session.connection().connection.driver_connection)
+    connection = driver_connection(session.connection())
     # The COPY lasts as long as the client sends: the API's statement timeout is no bound to it.
     connection.execute("SET LOCAL statement_timeout = 0")
     with connection.cursor() as cursor, cursor.copy(COPY_EXAMPLES) as copy:

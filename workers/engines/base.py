@@ -34,9 +34,6 @@ class GenerationRequest:
     prompt: Prompt
     """Text to continue, or chat messages the engine renders its own way."""
     options: SamplingOptions
-    draw: int = 0
-    """Samples of this prompt drawn before this request. Engines ignore it; it keeps a prompt's
-    later sampling rounds apart from its first in the generation cache."""
 
 
 class EngineUnavailable(RuntimeError):

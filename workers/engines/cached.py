@@ -9,7 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Protocol
 
-from workers.engines.base import Engine, GenerationRequest, GenerationResult
+from app.audit.domain import Prompt
+from workers.engines.base import Engine, GenerationRequest, GenerationResult, SamplingOptions
 
 
 class GenerationStore(Protocol):
@@ -18,20 +19,34 @@ class GenerationStore(Protocol):
     def put_many(self, model_id: str, items: Mapping[bytes, list[str]]) -> None: ...
 
 
-def cache_key(namespace: str, model_id: str, request: GenerationRequest) -> bytes:
-    """(namespace, student model and revision, prompt, sampling options, which draw) as 32
-    bytes."""
-    payload = json.dumps(
-        [namespace, model_id, request.prompt, asdict(request.options), request.draw],
-        sort_keys=True,
-        default=asdict,
-    )
+def key_prefix(namespace: str, model_id: str, options: SamplingOptions) -> bytes:
+    """What the keys of requests with the same options share: (namespace, student model and
+    revision, sampling options), hashed."""
+    payload = json.dumps([namespace, model_id, asdict(options)], sort_keys=True)
     return hashlib.sha256(payload.encode()).digest()
+
+
+def cache_key(prefix: bytes, prompt: Prompt, draw: int) -> bytes:
+    """A request's key: its `key_prefix`, its prompt, and which draw of the prompt's samples it
+    is (the samples of the prompt drawn before it), as 32 bytes. Text and chat messages are
+    told apart by a first byte."""
+    if isinstance(prompt, str):
+        asked = b"t" + prompt.encode()
+    else:
+        asked = b"m" + json.dumps([[m.role, m.content] for m in prompt]).encode()
+    return hashlib.sha256(prefix + draw.to_bytes(8, "big") + asked).digest()
 
 
 class CachedEngine:
     """`namespace` keeps caches apart: the service gives each workspace its own, so that what
-    one workspace's jobs generated never shows (as answers or as cache hits) in another's."""
+    one workspace's jobs generated never shows (as answers or as cache hits) in another's.
+
+    The wrapper counts the samples of each prompt it was asked for, so that a prompt's later
+    sampling rounds have keys apart from its first: a request's key holds the samples of its
+    prompt drawn by earlier calls (requests for the same prompt in one call share them, and
+    their answers). A wrapper lives for one batch of work (a chunk): the same batch asked again,
+    in the same calls, finds every answer in the cache.
+    """
 
     def __init__(self, engine: Engine, store: GenerationStore, namespace: str = "") -> None:
         self.engine = engine
@@ -40,12 +55,15 @@ class CachedEngine:
         self.model_id = engine.model_id
         self.new_generations = 0
         self.cached_generations = 0
+        self._prefixes: dict[SamplingOptions, bytes] = {}
+        self._drawn: dict[Prompt, int] = {}
+        """Samples drawn so far, by prompt."""
 
     def close(self) -> None:
         self.engine.close()
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        keys = [cache_key(self.namespace, self.model_id, r) for r in requests]
+        keys = [self._key(r) for r in requests]
         found = dict(self.store.get_many(list(set(keys))))
         missing = {k: r for k, r in zip(keys, requests, strict=True) if k not in found}
         if missing:
@@ -57,4 +75,16 @@ class CachedEngine:
         self.cached_generations += sum(
             r.options.n for k, r in zip(keys, requests, strict=True) if k not in missing
         )
+        sampled = {r.prompt: r.options.n for r in requests if not r.options.greedy}
+        for prompt, n in sampled.items():
+            self._drawn[prompt] = self._drawn.get(prompt, 0) + n
         return [GenerationResult(list(found[k])) for k in keys]
+
+    def _key(self, request: GenerationRequest) -> bytes:
+        prefix = self._prefixes.get(request.options)
+        if prefix is None:
+            prefix = self._prefixes[request.options] = key_prefix(
+                self.namespace, self.model_id, request.options
+            )
+        draw = 0 if request.options.greedy else self._drawn.get(request.prompt, 0)
+        return cache_key(prefix, request.prompt, draw)

@@ -1,0 +1,91 @@
+"""The cache wrapper: keys by prompt, options and draw; the draws are its own count, not the
+engine's business. tests/test_jobs.py runs it on PostgreSQL through the worker's steps."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from itertools import count
+
+from workers.engines.base import GenerationRequest, GenerationResult, SamplingOptions
+from workers.engines.cached import CachedEngine
+from workers.engines.fake import FakeEngine
+
+GREEDY = SamplingOptions()
+SAMPLED = SamplingOptions(n=2, temperature=0.5, top_k=40)
+
+
+class DictStore:
+    def __init__(self) -> None:
+        self.rows: dict[bytes, list[str]] = {}
+
+    def get_many(self, keys: Sequence[bytes]) -> Mapping[bytes, list[str]]:
+        return {k: self.rows[k] for k in keys if k in self.rows}
+
+    def put_many(self, model_id: str, items: Mapping[bytes, list[str]]) -> None:
+        for key, texts in items.items():
+            self.rows.setdefault(key, texts)
+
+
+def numbered_engine() -> FakeEngine:
+    """Each completion it makes is new: "1", "2", ..."""
+    made = count(1)
+    return FakeEngine(lambda r: GenerationResult([str(next(made)) for _ in range(r.options.n)]))
+
+
+def sampled(prompt: str) -> GenerationRequest:
+    return GenerationRequest(prompt, SAMPLED)
+
+
+def test_a_prompts_later_sampling_rounds_are_drawn_anew() -> None:
+    engine, store = numbered_engine(), DictStore()
+    cached = CachedEngine(engine, store)
+    first = cached.generate([sampled("p"), sampled("q")])
+    second = cached.generate([sampled("p")])
+    assert [r.texts for r in first] == [["1", "2"], ["3", "4"]]
+    assert [r.texts for r in second] == [["5", "6"]]
+    assert len(engine.calls) == 2 and len(store.rows) == 3
+    assert (cached.new_generations, cached.cached_generations) == (6, 0)
+
+
+def test_the_same_calls_again_take_every_answer_from_the_cache() -> None:
+    """A chunk run again (a new wrapper, as each run of a chunk has) asks the engine nothing."""
+    engine, store = numbered_engine(), DictStore()
+    calls = [
+        [GenerationRequest("p", GREEDY), GenerationRequest("q", GREEDY)],
+        [sampled("p"), sampled("q")],
+        [sampled("p")],
+    ]
+    first = CachedEngine(engine, store)
+    answers = [[r.texts for r in first.generate(call)] for call in calls]
+    again = CachedEngine(engine, store)
+    assert [[r.texts for r in again.generate(call)] for call in calls] == answers
+    assert len(engine.calls) == len(calls)
+    assert (again.new_generations, again.cached_generations) == (0, 2 + 4 + 2)
+
+
+def test_requests_for_one_prompt_in_one_call_share_their_draw() -> None:
+    """As identical prompts of one example do: the engine is asked once, each gets its answer."""
+    engine = numbered_engine()
+    cached = CachedEngine(engine, DictStore())
+    results = cached.generate([sampled("p"), sampled("p"), GenerationRequest("p", GREEDY)])
+    assert [r.texts for r in results] == [["1", "2"], ["1", "2"], ["3"]]
+    assert engine.calls == [[sampled("p"), GenerationRequest("p", GREEDY)]]
+    # Their samples count once: the next round of "p" is its second draw, not its third.
+    assert cached.generate([sampled("p")])[0].texts == ["4", "5"]
+
+
+def test_greedy_answers_are_one_entry_however_often_asked() -> None:
+    engine = numbered_engine()
+    cached = CachedEngine(engine, DictStore())
+    for _ in range(3):
+        assert cached.generate([GenerationRequest("p", GREEDY)])[0].texts == ["1"]
+    assert len(engine.calls) == 1
+
+
+def test_namespaces_and_options_keep_entries_apart() -> None:
+    engine, store = numbered_engine(), DictStore()
+    CachedEngine(engine, store, namespace="a").generate([GenerationRequest("p", GREEDY)])
+    CachedEngine(engine, store, namespace="b").generate([GenerationRequest("p", GREEDY)])
+    chat = SamplingOptions(chat=True)
+    CachedEngine(engine, store, namespace="a").generate([GenerationRequest("p", chat)])
+    assert len(engine.calls) == 3 and len(store.rows) == 3
