@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends
@@ -10,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.db import session_scope
 from app.errors import TooManyRequests, Unauthorized
-from app.models import Workspace
+from app.models import ApiKey, Workspace
 from app.queue import Queue, get_queue
 from app.ratelimit import rate_limiter
 from app.settings import Settings, get_settings
@@ -23,15 +24,23 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 bearer = HTTPBearer(auto_error=False, description="An API key: `kma keys create`.")
 
 
-def current_workspace(
+@dataclass(frozen=True)
+class Caller:
+    """Who a request acts for: a workspace, and the key it came with (None when anonymous)."""
+
+    workspace: Workspace
+    key: ApiKey | None
+
+
+def current_caller(
     session: SessionDep,
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> Workspace:
-    """The workspace of the request's API key, counted against the key's rate limit."""
+) -> Caller:
+    """The request's API key and its workspace, counted against the key's rate limit."""
     if credentials is None:
         if settings.allow_anonymous:
-            return workspaces.anonymous_workspace(session)
+            return Caller(workspaces.anonymous_workspace(session), None)
         raise Unauthorized("send an API key: Authorization: Bearer <key>")
     found = workspaces.authenticate(session, credentials.credentials)
     if found is None:
@@ -45,7 +54,15 @@ def current_workspace(
                 f"more than {settings.rate_limit_per_minute} requests a minute with this key",
                 {"Retry-After": str(wait)},
             )
-    return workspace
+    return Caller(workspace, key)
+
+
+CallerDep = Annotated[Caller, Depends(current_caller)]
+
+
+def current_workspace(caller: CallerDep) -> Workspace:
+    """The workspace of the request's API key."""
+    return caller.workspace
 
 
 WorkspaceDep = Annotated[Workspace, Depends(current_workspace)]

@@ -27,6 +27,7 @@ from app.errors import ErrorRead, HTTPError
 from app.jobs.router import router as jobs_router
 from app.logs import job_logging
 from app.metrics import router as metrics_router
+from app.reviews.router import router as reviews_router
 from app.settings import Settings, get_settings
 from app.students.router import router as students_router
 from app.workspaces.router import router as workspace_router
@@ -140,6 +141,10 @@ def create_app() -> FastAPI:
         openapi_tags=[
             {"name": "datasets", "description": "Teacher datasets, uploaded as JSONL."},
             {"name": "jobs", "description": "Audits of a dataset against a student model."},
+            {
+                "name": "reviews",
+                "description": "A person's decisions on flagged examples, before training.",
+            },
             {"name": "students", "description": "The student models jobs may name."},
             {"name": "workspace", "description": "The workspace of the request's API key."},
             {"name": "health", "description": "Liveness, readiness and metrics; no key needed."},
@@ -159,6 +164,7 @@ def create_app() -> FastAPI:
     app.add_exception_handler(DatasetError, invalid_dataset)
     app.include_router(datasets_router, prefix="/v1")
     app.include_router(jobs_router, prefix="/v1")
+    app.include_router(reviews_router, prefix="/v1")
     app.include_router(workspace_router, prefix="/v1")
     app.include_router(students_router, prefix="/v1")
     app.include_router(health)

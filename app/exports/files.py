@@ -1,0 +1,142 @@
+"""Parquet files and Hugging Face `datasets` folders, written from a stream of records.
+
+Both need the whole export's schema before their first row, so the records go to a temporary
+JSONL file first while their schema is learnt, then into the file in batches: memory holds one
+batch, whatever the export's size. What is sent is counted as it is written.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import tarfile
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from app.exports.domain import ColumnTypes
+
+BATCH_ROWS = 10_000
+BATCH_BYTES = 64 << 20
+"""A batch ends at whichever comes first: an Arrow string array holds at most 2 GiB."""
+CHUNK_BYTES = 1 << 16
+
+HF_DATA_FILE = "data-00000-of-00001.arrow"
+HF_INFO_FILE = "dataset_info.json"
+HF_STATE_FILE = "state.json"
+
+
+@dataclass(frozen=True)
+class ExportFile:
+    """A written export, open for reading; its folder is gone, so closing it frees the disk."""
+
+    record_count: int
+    size: int
+    file: IO[bytes]
+
+    def chunks(self) -> Iterator[bytes]:
+        with self.file:
+            while chunk := self.file.read(CHUNK_BYTES):
+                yield chunk
+
+
+def write_export(
+    records: Iterable[dict[str, Any]], export_format: Literal["parquet", "hf"]
+) -> ExportFile:
+    """The records as one Parquet file, or as a tar of a folder `datasets.load_from_disk` opens.
+
+    Raises `UnwritableRecords` when no one schema holds them all.
+    """
+    with tempfile.TemporaryDirectory(prefix="kma-export-") as temporary:
+        folder = Path(temporary)
+        lines = folder / "records.jsonl"
+        types = ColumnTypes()
+        with lines.open("wb") as out:
+            for record in records:
+                types.add(record)
+                out.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+        schema = types.schema()
+        batches = _batches(lines, schema)
+        if export_format == "parquet":
+            path = folder / "export.parquet"
+            with pq.ParquetWriter(path, schema) as writer:
+                for batch in batches:
+                    writer.write_batch(batch)
+        else:
+            path = folder / "export.tar"
+            _write_hf_archive(path, folder / "dataset", schema, batches)
+        file = path.open("rb")
+        size = path.stat().st_size
+    return ExportFile(types.records, size, file)
+
+
+def _batches(lines: Path, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    rows: list[dict[str, Any]] = []
+    size = 0
+    with lines.open("rb") as f:
+        for line in f:
+            rows.append(json.loads(line))
+            size += len(line)
+            if len(rows) == BATCH_ROWS or size >= BATCH_BYTES:
+                yield pa.RecordBatch.from_pylist(rows, schema=schema)
+                rows, size = [], 0
+    if rows:
+        yield pa.RecordBatch.from_pylist(rows, schema=schema)
+
+
+def _write_hf_archive(
+    path: Path, folder: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]
+) -> None:
+    """What `Dataset.save_to_disk` writes (the table as an Arrow stream, its info, its state),
+    as an uncompressed tar with the files at its root."""
+    folder.mkdir()
+    with (
+        pa.OSFile(str(folder / HF_DATA_FILE), "wb") as sink,
+        pa.ipc.new_stream(sink, schema) as writer,
+    ):
+        for batch in batches:
+            writer.write_batch(batch)
+    # No features: `datasets` reads them from the Arrow schema.
+    info = {"citation": "", "description": "", "features": None, "homepage": "", "license": ""}
+    state: dict[str, Any] = {
+        "_data_files": [{"filename": HF_DATA_FILE}],
+        "_fingerprint": secrets.token_hex(8),
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    (folder / HF_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    (folder / HF_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name in (HF_DATA_FILE, HF_INFO_FILE, HF_STATE_FILE):
+            tar.add(folder / name, arcname=name, filter=_anyone)
+
+
+def _anyone(member: tarfile.TarInfo) -> tarfile.TarInfo:
+    """A plain file that unpacks as the user who unpacks it."""
+    member.uid = member.gid = 0
+    member.uname = member.gname = ""
+    member.mode = 0o644
+    return member
+
+
+def parquet_rows(path: Path) -> int:
+    """The rows a Parquet file holds, from its footer: an error when the file is not whole."""
+    return int(pq.ParquetFile(path).metadata.num_rows)
+
+
+def hf_rows(folder: Path) -> int:
+    """The rows of a `datasets` folder, read through every data file its state lists."""
+    state: dict[str, Any] = json.loads((folder / HF_STATE_FILE).read_text())
+    rows = 0
+    for data_file in state["_data_files"]:
+        with pa.memory_map(str(folder / data_file["filename"])) as source:
+            rows += sum(batch.num_rows for batch in pa.ipc.open_stream(source))
+    return rows
