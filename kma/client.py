@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
+import pyarrow as pa
 
 from app.audit.schemas import Report
+from app.exports.files import hf_rows, parquet_rows
 from app.settings import get_settings
 from app.workspaces.domain import KEY_FILE
 
@@ -154,33 +158,104 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
             time.sleep(poll_seconds)
 
-    def download(self, job_id: str, dest: str | Path, *, policy: str = "suggested") -> int:
-        """Stream the export to `dest`; returns the number of lines written.
+    def example(self, job_id: str, position: int) -> dict[str, Any]:
+        """The audited example at `position`: its record, audit and review."""
+        result: dict[str, Any] = self._json(self.http.get(f"/v1/jobs/{job_id}/examples/{position}"))
+        return result
 
-        The lines go to a temporary file beside `dest`, which replaces `dest` only once their
-        number equals the one the server announced. Otherwise the temporary file is removed,
-        `dest` is left as it was, and this raises `IncompleteExport` (or `KmaError` when the
-        server answered an error).
+    def review(
+        self,
+        job_id: str,
+        position: int,
+        decision: str,
+        *,
+        answer: str | None = None,
+        note: str | None = None,
+    ) -> dict[str, Any]:
+        """Decide on a flagged example's relabel: `accept`, `reject`, or `override` with
+        `answer`. Returns the example with its review."""
+        body = {"decision": decision, "answer": answer, "note": note}
+        response = self.http.patch(
+            f"/v1/jobs/{job_id}/examples/{position}",
+            json={k: v for k, v in body.items() if v is not None},
+        )
+        result: dict[str, Any] = self._json(response)
+        return result
+
+    def review_many(self, job_id: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Store decisions (`{"position", "decision", "answer"?, "note"?}` each) all together,
+        or none: a bad item raises KmaError 422 naming its index. Returns the count stored and
+        the job's review counts."""
+        response = self.http.patch(f"/v1/jobs/{job_id}/examples", json={"items": items})
+        result: dict[str, Any] = self._json(response)
+        return result
+
+    def download(
+        self,
+        job_id: str,
+        dest: str | Path,
+        *,
+        policy: str = "suggested",
+        format: str = "jsonl",
+        unreviewed: str | None = None,
+    ) -> int:
+        """Download the export to `dest`; returns the number of records written.
+
+        `format` is `jsonl`, `parquet` (one file) or `hf` (`dest` is a folder, which must be
+        absent or empty, that `datasets.load_from_disk` opens). `unreviewed` goes with the
+        `reviewed` policy. The export goes to a temporary file beside `dest`, which takes its
+        place only once it holds the number of records the server announced. Otherwise it is
+        removed, `dest` is left as it was, and this raises `IncompleteExport` (or `KmaError`
+        when the server answered an error).
         """
         dest = Path(dest)
-        # A name of its own, made like any file (umask permissions, unlike mkstemp's 0600).
-        temporary = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+        params = {"policy": policy, "format": format}
+        if unreviewed is not None:
+            params["unreviewed"] = unreviewed
+        if format == "hf" and dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise FileExistsError(f"{dest} exists and is not an empty folder")
+        # Names of their own, made like any file (umask permissions, unlike mkstemp's 0600).
+        part = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+        unpacked = part.with_suffix(".unpacked")
         try:
-            with temporary.open("xb") as out:
-                lines = self._stream_export(job_id, policy, out)
-            os.replace(temporary, dest)
+            with part.open("xb") as out:
+                expected, records = self._stream_export(job_id, params, out)
+            done = part
+            if format == "parquet":
+                records = self._counted(job_id, expected, lambda: parquet_rows(part))
+            elif format == "hf":
+                records = self._counted(job_id, expected, lambda: _unpacked_rows(part, unpacked))
+                part.unlink()
+                done = unpacked
+            if records != expected:
+                raise IncompleteExport(
+                    job_id, expected, records, f"received {records} records, {expected} announced"
+                )
+            os.replace(done, dest)
         except BaseException:
-            temporary.unlink(missing_ok=True)
+            part.unlink(missing_ok=True)
+            shutil.rmtree(unpacked, ignore_errors=True)
             raise
-        return lines
+        return records
 
-    def _stream_export(self, job_id: str, policy: str, out: IO[bytes]) -> int:
+    @staticmethod
+    def _counted(job_id: str, expected: int, count: Callable[[], int]) -> int:
+        try:
+            return count()
+        except (OSError, ValueError, KeyError, tarfile.TarError, pa.ArrowException) as exc:
+            raise IncompleteExport(
+                job_id, expected, 0, f"the file that arrived cannot be read ({exc})"
+            ) from exc
+
+    def _stream_export(
+        self, job_id: str, params: dict[str, str], out: IO[bytes]
+    ) -> tuple[int, int]:
+        """Write the export's body to `out`: the count the server announced, and the lines
+        received."""
         lines = 0
         expected: int | None = None
         try:
-            with self.http.stream(
-                "GET", f"/v1/jobs/{job_id}/export", params={"policy": policy}
-            ) as r:
+            with self.http.stream("GET", f"/v1/jobs/{job_id}/export", params=params) as r:
                 if r.is_error:
                     r.read()
                     self._json(r)
@@ -199,14 +274,16 @@ class Client:
         except httpx.HTTPError as exc:
             if expected is None:
                 raise
+            what = f"{lines} of {expected} records" if params["format"] == "jsonl" else "part way"
             raise IncompleteExport(
-                job_id,
-                expected,
-                lines,
-                f"the connection broke after {lines} of {expected} records ({exc})",
+                job_id, expected, lines, f"the connection broke after {what} ({exc})"
             ) from exc
-        if lines != expected:
-            raise IncompleteExport(
-                job_id, expected, lines, f"received {lines} records, {expected} announced"
-            )
-        return lines
+        return expected, lines
+
+
+def _unpacked_rows(archive: Path, folder: Path) -> int:
+    """Unpack an `hf` export into `folder` (made here); the rows its dataset holds."""
+    folder.mkdir()
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder, filter="data")
+    return hf_rows(folder)
