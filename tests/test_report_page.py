@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,11 +16,10 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, delete, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 from websockets.sync.client import ClientConnection, connect
 
 from app.audit.domain import Verdict, find_conflicts, summarize
@@ -37,12 +34,11 @@ from app.audit.schemas import (
 )
 from app.datasets.domain import Example, parse_record
 from app.jobs import service
-from app.models import ApiKey, Dataset, Decision, Job, JobStatus, Review, Workspace, utcnow
+from app.models import Dataset, Decision, Job, JobStatus, Review, Workspace, utcnow
 from app.models import Example as ExampleRow
 from app.models import Verdict as VerdictRow
 from app.students.schemas import Student
 from app.workspaces.domain import page_link_token
-from app.workspaces.service import create_key
 from tests.conftest import TEST_WORKSPACE, bearer, new_workspace
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -301,13 +297,6 @@ def test_report_page_of_a_cancelled_job(client: TestClient, session: Session) ->
 # --- the page in a browser --------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def committed_job(db_engine: Engine) -> Iterator[uuid.UUID]:
     """The audited job, committed so a server with its own sessions reads it; deleted after."""
@@ -318,35 +307,6 @@ def committed_job(db_engine: Engine) -> Iterator[uuid.UUID]:
     with Session(db_engine) as session:
         session.execute(delete(Dataset).where(Dataset.id == dataset_id))
         session.commit()
-
-
-@pytest.fixture
-def server_url(db_engine: Engine) -> Iterator[str]:
-    """The app served for real by uvicorn on a free localhost port."""
-    from app.db import session_scope
-    from app.main import create_app
-
-    sessions = sessionmaker(db_engine, expire_on_commit=False)
-
-    def request_session() -> Iterator[Session]:
-        with sessions() as session:
-            yield session
-
-    app = create_app()
-    app.dependency_overrides[session_scope] = request_session
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -573,23 +533,11 @@ def browser_page(tmp_path: Path, url: str) -> Iterator[Page]:
         process.wait(timeout=30)
 
 
-@pytest.fixture
-def workspace_key(db_engine: Engine) -> Iterator[str]:
-    """A key of the audited job's workspace, committed for the server; deleted after."""
-    with Session(db_engine) as session:
-        read, key = create_key(session, "reviewer-in-a-browser", TEST_WORKSPACE)
-        session.commit()
-    yield key
-    with Session(db_engine) as session:
-        session.execute(delete(ApiKey).where(ApiKey.id == read.id))
-        session.commit()
-
-
 def test_reviewing_from_the_page_in_a_browser(
     tmp_path: Path,
     server_url: str,
     committed_job: uuid.UUID,
-    workspace_key: str,
+    committed_key: str,
     db_engine: Engine,
 ) -> None:
     """A person opens the signed link, clicks Accept, gives the key once, then overrides
@@ -612,13 +560,13 @@ def test_reviewing_from_the_page_in_a_browser(
         assert browser.run("document.getElementById('review-key').hidden") is False
         browser.run(
             "const form = document.getElementById('review-key');"
-            f"form.elements.key.value = {json.dumps(workspace_key)}; form.requestSubmit();"
+            f"form.elements.key.value = {json.dumps(committed_key)}; form.requestSubmit();"
         )
         browser.wait_for(
             f"{row}.querySelector('td.review .decision').textContent.includes('accept')"
         )
         assert browser.run(f"{row}.querySelector('td.review .decision').textContent") == (
-            "acceptby reviewer-in-a-browser"
+            "acceptby reviewer"
         )
         browser.run(
             f"{other}.querySelector('td.review input').value = 'Lutz-on-Tarn';"
@@ -628,7 +576,7 @@ def test_reviewing_from_the_page_in_a_browser(
             f"{other}.querySelector('td.review .decision').textContent.includes('override')"
         )
         assert browser.run("document.getElementById('review-key').hidden") is True  # asked once
-        assert browser.run("sessionStorage.getItem('kma-api-key')") == workspace_key
+        assert browser.run("sessionStorage.getItem('kma-api-key')") == committed_key
         assert browser.run("document.getElementById('review-status').textContent") == (
             "Saved: c override."
         )
@@ -641,6 +589,6 @@ def test_reviewing_from_the_page_in_a_browser(
             for r in session.scalars(select(Review).where(Review.job_id == committed_job))
         }
     assert stored == {
-        5: (Decision.ACCEPT, None, "reviewer-in-a-browser"),
-        2: (Decision.OVERRIDE, "Lutz-on-Tarn", "reviewer-in-a-browser"),
+        5: (Decision.ACCEPT, None, "reviewer"),
+        2: (Decision.OVERRIDE, "Lutz-on-Tarn", "reviewer"),
     }
