@@ -13,23 +13,24 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
-import pyarrow as pa
 
 from app.audit.schemas import Report
-from app.exports.files import hf_rows, parquet_rows
+from app.exports.domain import ExportFormat
 from app.settings import get_settings
 from app.workspaces.domain import KEY_FILE
 
 FINISHED = ("succeeded", "failed", "cancelled")
 RECORD_COUNT_HEADER = "X-Kma-Record-Count"
-"""The number of lines an export announces before its body."""
+"""The number of records an export announces before its body."""
+FILE_EXPORT_WAIT_SECONDS = 3600.0
+"""How long a Parquet or hf download waits for its first byte: the server writes the whole
+file first (about a minute for a million records)."""
 
 
 class KmaError(RuntimeError):
@@ -74,6 +75,7 @@ class Client:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         key = api_key or default_api_key()
+        self.timeout = timeout
         self.http = httpx.Client(
             base_url=base_url.rstrip("/"),
             timeout=timeout,
@@ -196,7 +198,7 @@ class Client:
         dest: str | Path,
         *,
         policy: str = "suggested",
-        format: str = "jsonl",
+        format: ExportFormat = "jsonl",
         unreviewed: str | None = None,
     ) -> int:
         """Download the export to `dest`; returns the number of records written.
@@ -221,10 +223,15 @@ class Client:
             with part.open("xb") as out:
                 expected, records = self._stream_export(job_id, params, out)
             done = part
-            if format == "parquet":
-                records = self._counted(job_id, expected, lambda: parquet_rows(part))
-            elif format == "hf":
-                records = self._counted(job_id, expected, lambda: _unpacked_rows(part, unpacked))
+            if format != "jsonl":
+                # pyarrow reads them: loaded here, not by every command.
+                from app.exports.files import downloaded_rows
+
+                try:
+                    records = downloaded_rows(part, format, unpacked)
+                except (OSError, ValueError) as exc:
+                    raise IncompleteExport(job_id, expected, 0, str(exc)) from exc
+            if format == "hf":
                 part.unlink()
                 done = unpacked
             if records != expected:
@@ -238,15 +245,6 @@ class Client:
             raise
         return records
 
-    @staticmethod
-    def _counted(job_id: str, expected: int, count: Callable[[], int]) -> int:
-        try:
-            return count()
-        except (OSError, ValueError, KeyError, tarfile.TarError, pa.ArrowException) as exc:
-            raise IncompleteExport(
-                job_id, expected, 0, f"the file that arrived cannot be read ({exc})"
-            ) from exc
-
     def _stream_export(
         self, job_id: str, params: dict[str, str], out: IO[bytes]
     ) -> tuple[int, int]:
@@ -255,7 +253,11 @@ class Client:
         lines = 0
         expected: int | None = None
         try:
-            with self.http.stream("GET", f"/v1/jobs/{job_id}/export", params=params) as r:
+            path = f"/v1/jobs/{job_id}/export"
+            timeout = httpx.Timeout(self.timeout)
+            if params["format"] != "jsonl":  # the server answers once the whole file is written
+                timeout = httpx.Timeout(self.timeout, read=FILE_EXPORT_WAIT_SECONDS)
+            with self.http.stream("GET", path, params=params, timeout=timeout) as r:
                 if r.is_error:
                     r.read()
                     self._json(r)
@@ -279,11 +281,3 @@ class Client:
                 job_id, expected, lines, f"the connection broke after {what} ({exc})"
             ) from exc
         return expected, lines
-
-
-def _unpacked_rows(archive: Path, folder: Path) -> int:
-    """Unpack an `hf` export into `folder` (made here); the rows its dataset holds."""
-    folder.mkdir()
-    with tarfile.open(archive) as tar:
-        tar.extractall(folder, filter="data")
-    return hf_rows(folder)

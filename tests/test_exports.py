@@ -1,4 +1,4 @@
-"""The Arrow schema of an export's records, learnt one record at a time (pure)."""
+"""The Arrow schema of an export's records, learnt one record at a time."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import pyarrow as pa
 import pytest
 
 from app.exports.domain import ColumnTypes, UnwritableRecords
+from app.exports.files import arrow_schema
 
 
 def schema_of(*records: dict[str, Any]) -> pa.Schema:
     types = ColumnTypes()
     for record in records:
         types.add(record)
-    return types.schema()
+    return arrow_schema(types)
 
 
 def test_columns_in_the_order_keys_first_appear() -> None:

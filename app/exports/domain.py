@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-import pyarrow as pa
-
 ExportFormat = Literal["jsonl", "parquet", "hf"]
 EXPORT_FORMATS: tuple[ExportFormat, ...] = get_args(ExportFormat)
 MEDIA_TYPES: dict[ExportFormat, str] = {
@@ -35,16 +33,17 @@ class UnwritableRecords(ValueError):
     object that never has a field."""
 
 
-class _Shape:
-    """What one field has held so far: a kind ("null" until a value is seen), a list's items,
-    an object's fields in the order they first appeared."""
+class Shape:
+    """What one field has held so far: a kind (null, bool, int, float, string, list, struct;
+    null until a value is seen), a list's items, an object's fields in the order they first
+    appeared."""
 
     __slots__ = ("fields", "item", "kind")
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self.item: _Shape | None = None
-        self.fields: dict[str, _Shape] = {}
+        self.item: Shape | None = None
+        self.fields: dict[str, Shape] = {}
 
 
 def _kind(value: Any) -> str:
@@ -66,7 +65,7 @@ def _kind(value: Any) -> str:
 
 
 class ColumnTypes:
-    """The Arrow schema of records, learnt one record at a time in constant memory.
+    """The one type of each column of records, learnt one record at a time in constant memory.
 
     Integers and numbers in one field make a float column; null fits any type; a key a record
     lacks reads back as null. Anything else that differs raises UnwritableRecords naming the
@@ -74,17 +73,18 @@ class ColumnTypes:
     """
 
     def __init__(self) -> None:
-        self._root = _Shape("struct")
+        self.columns = Shape("struct")
+        """The records as one struct: its fields are the columns."""
         self.records = 0
 
     def add(self, record: dict[str, Any]) -> None:
         self.records += 1
-        self._absorb(self._root, record, "")
+        self._absorb(self.columns, record, "")
 
-    def _absorb(self, shape: _Shape | None, value: Any, at: str) -> _Shape:
+    def _absorb(self, shape: Shape | None, value: Any, at: str) -> Shape:
         kind = _kind(value)
         if shape is None or shape.kind == "null":
-            shape = _Shape(kind)
+            shape = Shape(kind)
         elif kind == "null":
             return shape
         elif kind != shape.kind:
@@ -99,36 +99,10 @@ class ColumnTypes:
                 shape.item = self._absorb(shape.item, item, f"{at}[{i}]")
         elif kind == "struct":
             for key, item in value.items():
-                shape.fields[key] = self._absorb(shape.fields.get(key), item, _field(at, key))
+                shape.fields[key] = self._absorb(shape.fields.get(key), item, field_path(at, key))
         return shape
 
-    def schema(self) -> pa.Schema:
-        return pa.schema(
-            [pa.field(key, _arrow(shape, key)) for key, shape in self._root.fields.items()]
-        )
 
-
-def _field(at: str, key: str) -> str:
+def field_path(at: str, key: str) -> str:
+    """How errors name a field: `messages[3].content`."""
     return f"{at}.{key}" if at else key
-
-
-def _arrow(shape: _Shape | None, at: str) -> pa.DataType:
-    if shape is None or shape.kind == "null":
-        return pa.null()
-    if shape.kind == "list":
-        return pa.list_(_arrow(shape.item, f"{at}[]"))
-    if shape.kind == "struct":
-        if not shape.fields:
-            raise UnwritableRecords(
-                f"field '{at}' is an empty object in every record: a column of objects needs "
-                "a field"
-            )
-        return pa.struct(
-            [pa.field(key, _arrow(item, _field(at, key))) for key, item in shape.fields.items()]
-        )
-    return {
-        "bool": pa.bool_(),
-        "int": pa.int64(),
-        "float": pa.float64(),
-        "string": pa.string(),
-    }[shape.kind]

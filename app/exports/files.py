@@ -3,6 +3,9 @@
 Both need the whole export's schema before their first row, so the records go to a temporary
 JSONL file first while their schema is learnt, then into the file in batches: memory holds one
 batch, whatever the export's size. What is sent is counted as it is written.
+
+The only module that imports pyarrow (about 45 MB and a second to load): import it where a
+Parquet or hf export is made or read, not where JSONL is.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import IO, Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from app.exports.domain import ColumnTypes
+from app.exports.domain import ColumnTypes, Shape, UnwritableRecords, field_path
 
 BATCH_ROWS = 10_000
 BATCH_BYTES = 64 << 20
@@ -60,7 +63,7 @@ def write_export(
             for record in records:
                 types.add(record)
                 out.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
-        schema = types.schema()
+        schema = arrow_schema(types)
         batches = _batches(lines, schema)
         if export_format == "parquet":
             path = folder / "export.parquet"
@@ -73,6 +76,36 @@ def write_export(
         file = path.open("rb")
         size = path.stat().st_size
     return ExportFile(types.records, size, file)
+
+
+def arrow_schema(types: ColumnTypes) -> pa.Schema:
+    """The Arrow schema of the columns learnt; UnwritableRecords for an object column that
+    never had a field (Parquet cannot hold one)."""
+    return pa.schema(
+        [pa.field(key, _arrow(shape, key)) for key, shape in types.columns.fields.items()]
+    )
+
+
+def _arrow(shape: Shape | None, at: str) -> pa.DataType:
+    if shape is None or shape.kind == "null":
+        return pa.null()
+    if shape.kind == "list":
+        return pa.list_(_arrow(shape.item, f"{at}[]"))
+    if shape.kind == "struct":
+        if not shape.fields:
+            raise UnwritableRecords(
+                f"field '{at}' is an empty object in every record: a column of objects needs "
+                "a field"
+            )
+        return pa.struct(
+            [pa.field(key, _arrow(item, field_path(at, key))) for key, item in shape.fields.items()]
+        )
+    return {
+        "bool": pa.bool_(),
+        "int": pa.int64(),
+        "float": pa.float64(),
+        "string": pa.string(),
+    }[shape.kind]
 
 
 def _batches(lines: Path, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
@@ -127,9 +160,18 @@ def _anyone(member: tarfile.TarInfo) -> tarfile.TarInfo:
     return member
 
 
-def parquet_rows(path: Path) -> int:
-    """The rows a Parquet file holds, from its footer: an error when the file is not whole."""
-    return int(pq.ParquetFile(path).metadata.num_rows)
+def downloaded_rows(path: Path, export_format: Literal["parquet", "hf"], folder: Path) -> int:
+    """The rows of a Parquet export at `path`, or of an hf export's tar at `path` once unpacked
+    into `folder` (made here). ValueError when the file is not whole."""
+    try:
+        if export_format == "parquet":
+            return int(pq.ParquetFile(path).metadata.num_rows)  # from the footer, at its end
+        folder.mkdir()
+        with tarfile.open(path) as tar:
+            tar.extractall(folder, filter="data")
+        return hf_rows(folder)
+    except (pa.ArrowException, tarfile.TarError, KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"the file that arrived cannot be read ({exc})") from exc
 
 
 def hf_rows(folder: Path) -> int:

@@ -27,7 +27,6 @@ from app.datasets import service as datasets_service
 from app.datasets.domain import parse_record
 from app.errors import Conflict, InvalidField, InvalidFields, NotFound, Unprocessable
 from app.exports.domain import MEDIA_TYPES, SUFFIXES, ExportFormat, UnwritableRecords
-from app.exports.files import write_export
 from app.jobs import lifecycle, report_page, repository
 from app.jobs.schemas import (
     ConflictPage,
@@ -380,6 +379,8 @@ def export_job(
             MEDIA_TYPES["jsonl"],
             filename,
         )
+    from app.exports.files import write_export  # pyarrow: only where a file is written
+
     try:
         written = write_export((r for r in records if r is not None), export_format)
     except UnwritableRecords as exc:
