@@ -1,13 +1,17 @@
-"""The Arrow schema of an export's records, learnt one record at a time."""
+"""Parquet and hf files: the Arrow schema of an export's records, learnt one record at a time,
+and the files written in batches."""
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from app.exports import files
 from app.exports.domain import ColumnTypes, UnwritableRecords
 from app.exports.files import arrow_schema
 
@@ -84,3 +88,27 @@ def test_a_field_of_two_types_is_refused_by_name(
 def test_an_object_that_never_has_a_field_is_refused() -> None:
     with pytest.raises(UnwritableRecords, match=re.escape("field 'turns[].meta' is an empty")):
         schema_of({"turns": [{"meta": {}}]}, {"turns": []})
+
+
+@pytest.mark.parametrize("export_format", ["parquet", "hf"])
+def test_a_file_in_many_batches_holds_every_record_in_order(
+    export_format: Literal["parquet", "hf"], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The schema is the whole export's: a key first seen in the last record is a column."""
+    monkeypatch.setattr(files, "BATCH_ROWS", 1_000)
+    monkeypatch.setattr(files, "ROW_GROUP_ROWS", 2_000)
+    records: list[dict[str, Any]] = [{"id": str(i), "n": i} for i in range(4_999)]
+    records.append({"id": "last", "n": 0.5, "late": ["x"]})
+    written = files.write_export(iter(records), export_format)
+    path = tmp_path / "export"
+    with written.file as source:
+        path.write_bytes(source.read())
+    assert written.record_count == 5_000 and written.size == path.stat().st_size
+    assert files.downloaded_rows(path, export_format, tmp_path / "unpacked") == 5_000
+    if export_format == "parquet":
+        assert pq.ParquetFile(path).metadata.num_row_groups == 3
+        rows = pq.read_table(path).to_pylist()
+    else:
+        with pa.memory_map(str(tmp_path / "unpacked" / files.HF_DATA_FILE)) as source:
+            rows = pa.ipc.open_stream(source).read_all().to_pylist()
+    assert rows == [{"late": None, **r} | {"n": float(r["n"])} for r in records]

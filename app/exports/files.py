@@ -24,9 +24,12 @@ import pyarrow.parquet as pq
 
 from app.exports.domain import ColumnTypes, Shape, UnwritableRecords, field_path
 
-BATCH_ROWS = 10_000
+BATCH_ROWS = 2_000
 BATCH_BYTES = 64 << 20
-"""A batch ends at whichever comes first: an Arrow string array holds at most 2 GiB."""
+"""A batch ends at whichever comes first: the rows are Python objects until then, and an Arrow
+string array holds at most 2 GiB."""
+ROW_GROUP_ROWS = 64_000
+"""Batches are written to Parquet together, as row groups of about this many rows."""
 CHUNK_BYTES = 1 << 16
 
 HF_DATA_FILE = "data-00000-of-00001.arrow"
@@ -67,9 +70,7 @@ def write_export(
         batches = _batches(lines, schema)
         if export_format == "parquet":
             path = folder / "export.parquet"
-            with pq.ParquetWriter(path, schema) as writer:
-                for batch in batches:
-                    writer.write_batch(batch)
+            _write_parquet(path, schema, batches)
         else:
             path = folder / "export.tar"
             _write_hf_archive(path, folder / "dataset", schema, batches)
@@ -106,6 +107,20 @@ def _arrow(shape: Shape | None, at: str) -> pa.DataType:
         "float": pa.float64(),
         "string": pa.string(),
     }[shape.kind]
+
+
+def _write_parquet(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> None:
+    group: list[pa.RecordBatch] = []
+    rows = 0
+    with pq.ParquetWriter(path, schema) as writer:
+        for batch in batches:
+            group.append(batch)
+            rows += batch.num_rows
+            if rows >= ROW_GROUP_ROWS:
+                writer.write_table(pa.Table.from_batches(group, schema))
+                group, rows = [], 0
+        if group:
+            writer.write_table(pa.Table.from_batches(group, schema))
 
 
 def _batches(lines: Path, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
