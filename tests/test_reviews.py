@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from app.audit.schemas import Category, SuggestedAction
@@ -401,3 +401,34 @@ def test_deleting_a_job_deletes_its_decisions(
     decide(client, job_id, STUDENT, decision="accept")
     assert client.delete(f"/v1/jobs/{job_id}").status_code == 204
     assert session.scalar(select(func.count()).select_from(Review)) == 0
+
+
+def test_more_decisions_at_once_than_postgresql_takes_parameters(
+    client: TestClient, session: Session, job_id: str
+) -> None:
+    """70,000 decisions in one batch: positions travel as one array, not one parameter each
+    (PostgreSQL takes at most 65,535)."""
+    job = session.get_one(Job, uuid.UUID(job_id))
+    many = 70_000
+    session.execute(
+        text(
+            "INSERT INTO example (dataset_id, position, line, record_id, raw) "
+            "SELECT :dataset, i, i + 1, 'many-' || i, '{}'::json "
+            "FROM generate_series(5, :last) AS i"
+        ),
+        {"dataset": job.dataset_id, "last": many + 4},
+    )
+    session.execute(
+        text(
+            "INSERT INTO verdict (job_id, position, category, flagged, conflict, audit, answers) "
+            "SELECT :job, i, 'Unknown', true, false, CAST(:audit AS jsonb), '{}'::jsonb "
+            "FROM generate_series(5, :last) AS i"
+        ),
+        {"job": job.id, "last": many + 4, "audit": AUDITS[1].model_dump_json()},
+    )
+    session.commit()
+    items = [{"position": p, "decision": "reject"} for p in range(5, many + 5)]
+    response = client.patch(f"/v1/jobs/{job_id}/examples", json={"items": items})
+    assert response.status_code == 200, response.text
+    assert response.json()["reviews"]["decisions"]["reject"] == many
+    assert session.scalar(select(func.count()).select_from(Review)) == many

@@ -355,7 +355,7 @@ def export_job(
     unreviewed = unreviewed or DEFAULT_UNREVIEWED
     idk_text = AuditConfig.model_validate(job.config).idk_text
     record_format = datasets_service.record_format(session, job.dataset_id)
-    # Read before the count: the export applies these decisions, whatever is decided meanwhile.
+    # Read once, before the count: the count and the records agree whatever is decided meanwhile.
     decisions = reviews_repository.decisions(session, job.id) if policy == "reviewed" else {}
     records = (
         export_record(

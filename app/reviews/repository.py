@@ -4,14 +4,37 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import Any
 
-from sqlalchemy import ColumnElement, Integer, and_, any_, func, literal, select
+from sqlalchemy import (
+    ColumnElement,
+    DateTime,
+    Integer,
+    Text,
+    Uuid,
+    and_,
+    any_,
+    cast,
+    func,
+    literal,
+    select,
+)
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
 from app.models import Decision, Review, Verdict, utcnow
 from app.reviews.domain import Review as Decided
+from app.reviews.schemas import ReviewUpdate
+
+COLUMNS = (
+    "job_id",
+    "position",
+    "decision",
+    "answer",
+    "note",
+    "api_key_id",
+    "reviewed_by",
+    "reviewed_at",
+)
 
 
 def _among(position: InstrumentedAttribute[int], positions: Iterable[int]) -> ColumnElement[bool]:
@@ -30,19 +53,42 @@ def flagged_at(session: Session, job_id: uuid.UUID, positions: Iterable[int]) ->
     return {position: flagged for position, flagged in rows}
 
 
-def save_reviews(session: Session, job_id: uuid.UUID, rows: Sequence[dict[str, Any]]) -> None:
-    """Store decisions (`position`, `decision`, `answer`, `note`, `api_key_id`, `reviewed_by`),
-    each replacing the example's earlier one."""
-    now = utcnow()
-    statement = insert(Review)
-    statement = statement.on_conflict_do_update(
-        index_elements=[Review.job_id, Review.position],
-        set_={
-            column: statement.excluded[column]
-            for column in ("decision", "answer", "note", "api_key_id", "reviewed_by", "reviewed_at")
-        },
+def save_reviews(
+    session: Session,
+    job_id: uuid.UUID,
+    decisions: Sequence[tuple[int, ReviewUpdate]],
+    api_key_id: uuid.UUID | None,
+    reviewed_by: str,
+) -> None:
+    """Store decisions (position, decision) made with one key, each replacing the example's
+    earlier one: one statement, its rows passed as arrays, however many there are."""
+    items = (
+        func.unnest(
+            literal([position for position, _ in decisions], ARRAY(Integer)),
+            literal([d.decision.value for _, d in decisions], ARRAY(Text)),
+            literal([d.answer for _, d in decisions], ARRAY(Text)),
+            literal([d.note for _, d in decisions], ARRAY(Text)),
+        )
+        .table_valued("position", "decision", "answer", "note")
+        .render_derived()
     )
-    session.execute(statement, [{**row, "job_id": job_id, "reviewed_at": now} for row in rows])
+    rows = select(
+        literal(job_id, Uuid),
+        items.c.position,
+        cast(items.c.decision, Review.__table__.c.decision.type),
+        items.c.answer,
+        items.c.note,
+        literal(api_key_id, Uuid),
+        literal(reviewed_by, Text),
+        literal(utcnow(), DateTime(timezone=True)),
+    )
+    statement = insert(Review).from_select(COLUMNS, rows)
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[Review.job_id, Review.position],
+            set_={column: statement.excluded[column] for column in COLUMNS[2:]},
+        )
+    )
 
 
 def reviews_at(session: Session, job_id: uuid.UUID, positions: Iterable[int]) -> dict[int, Review]:
@@ -119,19 +165,9 @@ def copy_reviews(session: Session, source_id: uuid.UUID, target_id: uuid.UUID) -
             ),
         )
     )
-    columns = [
-        "job_id",
-        "position",
-        "decision",
-        "answer",
-        "note",
-        "api_key_id",
-        "reviewed_by",
-        "reviewed_at",
-    ]
     statement = (
         insert(Review)
-        .from_select(columns, copied)
+        .from_select(COLUMNS, copied)
         .on_conflict_do_nothing()
         .returning(Review.position)
     )

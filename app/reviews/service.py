@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -34,15 +33,12 @@ def _reviewable(session: Session, workspace_id: uuid.UUID, job_id: uuid.UUID) ->
     return job
 
 
-def _row(position: int, update: ReviewUpdate, key: ApiKey | None) -> dict[str, Any]:
-    return {
-        "position": position,
-        "decision": update.decision,
-        "answer": update.answer,
-        "note": update.note,
-        "api_key_id": key.id if key else None,
-        "reviewed_by": key.name if key else ANONYMOUS,
-    }
+def _save(
+    session: Session, job: Job, decisions: Sequence[tuple[int, ReviewUpdate]], key: ApiKey | None
+) -> None:
+    """Store the decisions as made with `key` (None: anonymously)."""
+    key_id, name = (key.id, key.name) if key else (None, ANONYMOUS)
+    repository.save_reviews(session, job.id, decisions, key_id, name)
 
 
 def review_example(
@@ -63,7 +59,7 @@ def review_example(
         raise NotFound(f"job {job_id} has no audited example at position {position}")
     if not flagged:
         raise InvalidFields([(["path", "position"], NOT_FLAGGED.format(position=position))])
-    repository.save_reviews(session, job.id, [_row(position, update, key)])
+    _save(session, job, [(position, update)], key)
     return jobs_service.get_example(session, workspace_id, job_id, position)
 
 
@@ -82,7 +78,7 @@ def review_examples(
     problems = _problems(job_id, batch.items, repository.flagged_at(session, job.id, positions))
     if problems:
         raise InvalidFields(problems)
-    repository.save_reviews(session, job.id, [_row(i.position, i, key) for i in batch.items])
+    _save(session, job, [(item.position, item) for item in batch.items], key)
     reviews = jobs_service.get_job(session, workspace_id, job_id).reviews
     return ReviewBatchRead(updated=len(batch.items), reviews=reviews)
 
