@@ -18,6 +18,7 @@ from app.queue import Queue, get_queue
 from app.ratelimit import rate_limiter
 from app.settings import Settings, get_settings
 from app.workspaces import service as workspaces
+from app.workspaces.service import Caller
 
 T = TypeVar("T")
 
@@ -57,36 +58,35 @@ SettingsDep = Annotated[Settings, Depends(request_settings)]
 bearer = HTTPBearer(auto_error=False, description="An API key: `kma keys create`.")
 CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
-UPLOAD_WORKSPACE = "upload_workspace"
-"""Where in a request's state `app.main.UploadGuard` leaves the workspace it authenticated."""
+UPLOAD_CALLER = "upload_caller"
+"""Where in a request's state `app.main.UploadGuard` leaves the caller it authenticated."""
 
 
 def authorize(
     session: Session, settings: Settings, credentials: HTTPAuthorizationCredentials | None
-) -> Workspace:
-    """The workspace of the request's API key, counted against the key's rate limit; 401 for
+) -> Caller:
+    """The request's API key and its workspace, counted against the key's rate limit; 401 for
     no key (unless anonymous requests are allowed) or an unknown or revoked one, 429 past the
     limit."""
     if credentials is None:
         if settings.allow_anonymous:
-            return workspaces.anonymous_workspace(session)
+            return Caller(workspaces.anonymous_workspace(session))
         raise Unauthorized("send an API key: Authorization: Bearer <key>")
     found = workspaces.authenticate(session, credentials.credentials)
     if found is None:
         raise Unauthorized("the API key is unknown or revoked")
-    key_id, workspace = found
     if settings.broker_url:
         limiter = rate_limiter(settings.broker_url, settings.rate_limit_per_minute)
-        wait = limiter.wait_seconds(str(key_id))
+        wait = limiter.wait_seconds(str(found.key_id))
         if wait is not None:
             raise TooManyRequests(
                 f"more than {settings.rate_limit_per_minute} requests a minute with this key",
                 {"Retry-After": str(wait)},
             )
-    return workspace
+    return found
 
 
-async def authorize_early(request: Request) -> Workspace:
+async def authorize_early(request: Request) -> Caller:
     """`authorize` a request before its route runs (in middleware), with the settings and the
     session its route would get."""
     credentials = await bearer(request)
@@ -96,19 +96,27 @@ async def authorize_early(request: Request) -> Workspace:
 
 def _authorize_in_session(
     app: FastAPI, settings: Settings, credentials: HTTPAuthorizationCredentials | None
-) -> Workspace:
+) -> Caller:
     with contextmanager(overridden(app, session_scope))() as session:
-        workspace = authorize(session, settings, credentials)
+        caller = authorize(session, settings, credentials)
         session.commit()  # the default workspace, if an anonymous request made it
-    return workspace
+    return caller
 
 
-def current_workspace(
+def current_caller(
     request: Request, session: SessionDep, settings: SettingsDep, credentials: CredentialsDep
-) -> Workspace:
+) -> Caller:
     """Who the request acts for (`authorize`); an upload's was found before its body was read."""
-    uploader: Workspace | None = getattr(request.state, UPLOAD_WORKSPACE, None)
+    uploader: Caller | None = getattr(request.state, UPLOAD_CALLER, None)
     return uploader or authorize(session, settings, credentials)
+
+
+CallerDep = Annotated[Caller, Depends(current_caller)]
+
+
+def current_workspace(caller: CallerDep) -> Workspace:
+    """The workspace of the request's API key."""
+    return caller.workspace
 
 
 WorkspaceDep = Annotated[Workspace, Depends(current_workspace)]

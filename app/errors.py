@@ -50,18 +50,27 @@ class TooManyRequests(HTTPError):
     status_code = 429
 
 
-class InvalidField(Unprocessable):
-    """A request field refused by a check its schema cannot make (it needs a setting, the
-    database or DNS), answered in FastAPI's validation-error shape, as the routes document 422.
-    `location` is where the field is: `body` or `query`.
+class InvalidFields(Unprocessable):
+    """Request fields refused by checks their schema cannot make (they need a setting, the
+    database or DNS), answered in FastAPI's validation-error shape, as the routes document 422:
+    each error with its place (`loc`, such as `["body", "items", 3, "position"]`) and reason.
     """
 
-    def __init__(self, field: Sequence[str], detail: str, location: str = "body") -> None:
-        super().__init__(detail)
-        self.loc = [location, *field]
+    def __init__(self, errors: Sequence[tuple[Sequence[str | int], str]]) -> None:
+        super().__init__("; ".join(message for _, message in errors))
+        self.errors = [
+            {"type": "value_error", "loc": list(loc), "msg": message} for loc, message in errors
+        ]
 
     def content(self) -> dict[str, Any]:
-        return {"detail": [{"type": "value_error", "loc": self.loc, "msg": self.detail}]}
+        return {"detail": self.errors}
+
+
+class InvalidField(InvalidFields):
+    """One request field refused; `location` is where it is: `body` or `query`."""
+
+    def __init__(self, field: Sequence[str], detail: str, location: str = "body") -> None:
+        super().__init__([([location, *field], detail)])
 
 
 class ServiceUnavailable(HTTPError):

@@ -23,11 +23,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.datasets.domain import DatasetError
 from app.datasets.router import router as datasets_router
-from app.deps import UPLOAD_WORKSPACE, SessionDep, SettingsDep, authorize_early, overridden
+from app.deps import UPLOAD_CALLER, SessionDep, SettingsDep, authorize_early, overridden
 from app.errors import UNAVAILABLE, HTTPError
 from app.jobs.router import router as jobs_router
 from app.logs import job_logging
 from app.metrics import router as metrics_router
+from app.reviews.router import router as reviews_router
 from app.settings import get_settings
 from app.students.router import router as students_router
 from app.workspaces.router import router as workspace_router
@@ -157,6 +158,10 @@ def create_app() -> FastAPI:
         openapi_tags=[
             {"name": "datasets", "description": "Teacher datasets, uploaded as JSONL."},
             {"name": "jobs", "description": "Audits of a dataset against a student model."},
+            {
+                "name": "reviews",
+                "description": "A person's decisions on flagged examples, before training.",
+            },
             {"name": "students", "description": "The student models jobs may name."},
             {"name": "workspace", "description": "The workspace of the request's API key."},
             {"name": "health", "description": "Liveness, readiness and metrics; no key needed."},
@@ -171,6 +176,7 @@ def create_app() -> FastAPI:
     app.add_exception_handler(405, method_not_allowed)
     app.include_router(datasets_router, prefix="/v1")
     app.include_router(jobs_router, prefix="/v1")
+    app.include_router(reviews_router, prefix="/v1")
     app.include_router(workspace_router, prefix="/v1")
     app.include_router(students_router, prefix="/v1")
     app.include_router(health)
@@ -194,7 +200,7 @@ class UploadGuard:
 
     A middleware, because FastAPI parses the form (spooling its file to disk) before any
     dependency runs. The key is checked by `app.deps.authorize_early`, the check every route
-    makes, and the workspace it finds is left to the route (counted once). A Content-Length
+    makes, and the caller it finds is left to the route (counted once). A Content-Length
     over the limit is refused before reading; a body that declares none, or more than it said,
     is stopped as soon as the bytes counted pass the limit.
     """
@@ -208,14 +214,14 @@ class UploadGuard:
             return
         request = Request(scope)
         try:
-            workspace = await authorize_early(request)
+            caller = await authorize_early(request)
         except HTTPError as exc:
             await http_error(request, exc)(scope, receive, send)
             return
         except (sqlalchemy_errors.TimeoutError, sqlalchemy_errors.OperationalError) as exc:
             await database_unavailable(request, exc)(scope, receive, send)
             return
-        scope.setdefault("state", {})[UPLOAD_WORKSPACE] = workspace
+        scope.setdefault("state", {})[UPLOAD_CALLER] = caller
         limit = overridden(request.app, get_settings)().max_upload_bytes
         detail = f"the upload is larger than {limit} bytes, the most this server takes"
         declared = Headers(scope=scope).get("content-length", "")

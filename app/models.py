@@ -10,10 +10,12 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     Enum,
     Float,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     LargeBinary,
@@ -93,6 +95,11 @@ class Dataset(Base):
     format: Mapped[str] = mapped_column(String(32))
     num_examples: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+POSITION_MAX = 2**31 - 1
+"""The largest position: positions are PostgreSQL integers, and a larger one in a query (a
+cursor, a path) would overflow it."""
 
 
 class Example(Base):
@@ -213,6 +220,52 @@ class Verdict(Base):
     JSON, not JSONB: written and read whole, never queried inside."""
 
     __table_args__ = (Index("ix_verdict_job_category", "job_id", "category", "position"),)
+
+
+class Decision(StrEnum):
+    """What a person made of a flagged example's suggested relabel."""
+
+    ACCEPT = "accept"
+    """The suggestion goes into the reviewed export."""
+    REJECT = "reject"
+    """The teacher's answer stays."""
+    OVERRIDE = "override"
+    """The reviewer's own answer goes in."""
+
+
+class Review(Base):
+    """A person's decision on a flagged example of a finished job; one per example, the last
+    made. Deleted with its verdict (and so with its job)."""
+
+    __tablename__ = "review"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    decision: Mapped[Decision] = mapped_column(
+        Enum(Decision, name="review_decision", values_callable=lambda e: [m.value for m in e])
+    )
+    answer: Mapped[str | None] = mapped_column(Text)
+    """The reviewer's answer: with `override`, and only then."""
+    note: Mapped[str | None] = mapped_column(Text)
+    api_key_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("api_key.id", ondelete="SET NULL")
+    )
+    """The key the decision was made with; null when anonymous."""
+    reviewed_by: Mapped[str] = mapped_column(String(255))
+    """The name of that key, as it was then."""
+    reviewed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["job_id", "position"],
+            ["verdict.job_id", "verdict.position"],
+            name="fk_review_verdict",
+            ondelete="CASCADE",
+        ),
+        CheckConstraint(
+            "(decision = 'override') = (answer IS NOT NULL)", name="ck_review_override_answer"
+        ),
+    )
 
 
 class Generation(Base):

@@ -1,4 +1,5 @@
-"""Upload a large JSONL dataset to a real `kma api` process, export it back, measure its memory.
+"""Upload a large JSONL dataset to a real `kma api` process, export it back (JSONL with two
+policies, Parquet, an hf folder), measure its memory.
 
 Usage: .venv/bin/python bench/upload_export.py [--lines 1000000] [--keep]
 
@@ -53,7 +54,13 @@ STUDENT = "bench-student"
 MB = 1_000_000
 POLL_SECONDS = 0.1
 READY_TIMEOUT = 120.0
-EXPORT_POLICIES: tuple[str | None, ...] = ("annotate", None)  # None: the default
+EXPORTS: tuple[tuple[str | None, str], ...] = (
+    ("annotate", "jsonl"),
+    (None, "jsonl"),  # None: the default policy
+    (None, "parquet"),
+    (None, "hf"),
+)
+"""(policy, format) of each export measured."""
 
 
 def build_dataset(path: Path, lines: int) -> int:
@@ -224,6 +231,7 @@ def api_process(
 @dataclass
 class Export:
     policy: str
+    format: str
     lines: int
     mb: float
     seconds: float
@@ -279,10 +287,14 @@ def cancelled_job(client: httpx.Client, dataset_id: str) -> str:
     return job_id
 
 
-def export(client: httpx.Client, job_id: str, policy: str | None, expected: int) -> Export:
-    """Stream the export, counting lines and bytes; checks the count and the end ids."""
+def export(
+    client: httpx.Client, job_id: str, policy: str | None, export_format: str, expected: int
+) -> Export:
+    """Stream the export, counting bytes, and lines for JSONL; checks the announced count, and
+    for JSONL the lines and the end ids. A Parquet or hf export's first byte comes once the
+    file is written."""
     label = policy or "default"
-    params = {"policy": policy} if policy else {}
+    params = {"policy": policy, "format": export_format} if policy else {"format": export_format}
     lines = size = 0
     first_byte = 0.0
     head = tail = b""
@@ -291,6 +303,9 @@ def export(client: httpx.Client, job_id: str, policy: str | None, expected: int)
         if response.status_code != 200:
             response.read()
             raise RuntimeError(f"export answered {response.status_code}: {response.text}")
+        announced = int(response.headers["X-Kma-Record-Count"])
+        if announced != expected:
+            raise RuntimeError(f"export {label}: {announced} records announced, {expected} sent")
         for chunk in response.iter_bytes():
             if not size:
                 first_byte = time.perf_counter() - started
@@ -299,12 +314,16 @@ def export(client: httpx.Client, job_id: str, policy: str | None, expected: int)
             size += len(chunk)
             tail = (tail + chunk)[-4096:]
     seconds = time.perf_counter() - started
+    if export_format != "jsonl":
+        return Export(
+            label, export_format, expected, size / MB, seconds, expected / seconds, first_byte
+        )
     if lines != expected:
         raise RuntimeError(f"export {label}: {lines} lines, uploaded {expected}")
     first, last = json.loads(head), json.loads(tail.rstrip(b"\n").rsplit(b"\n", 1)[-1])
     if not first["id"].endswith("-0") or not last["id"].endswith(f"-{expected - 1}"):
         raise RuntimeError(f"export {label}: rows out of order ({first['id']}, {last['id']})")
-    return Export(label, lines, size / MB, seconds, lines / seconds, first_byte)
+    return Export(label, export_format, lines, size / MB, seconds, lines / seconds, first_byte)
 
 
 def machine(database_url: str) -> dict[str, Any]:
@@ -348,9 +367,10 @@ def run(lines: int, work_dir: Path, keep: bool) -> Result:
         sampler.phase = "export"
         job_id = cancelled_job(client, dataset_id)
         exports = []
-        for policy in EXPORT_POLICIES:
-            exports.append(export(client, job_id, policy, lines))
-            print(f"export {exports[-1].policy}: {exports[-1].seconds:.1f} s", file=sys.stderr)
+        for policy, export_format in EXPORTS:
+            exports.append(export(client, job_id, policy, export_format, lines))
+            done = exports[-1]
+            print(f"export {done.policy} {done.format}: {done.seconds:.1f} s", file=sys.stderr)
         time.sleep(2 * POLL_SECONDS)
         sampler.phase = "idle"
         if broker_url.startswith(("redis://", "rediss://")):  # the embedded one goes away
@@ -387,7 +407,7 @@ def table(result: Result) -> str:
     for e in result.exports:
         rows.append(
             (
-                f"export {e.policy}",
+                f"export {e.policy} {e.format}",
                 f"{e.seconds:.1f} s, {e.rows_per_s:,.0f} rows/s, {e.mb:.1f} MB, "
                 f"first byte {e.first_byte_s * 1000:.0f} ms",
             )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,12 +21,16 @@ from typing import IO, Any
 import httpx
 
 from app.audit.schemas import Report
+from app.exports.domain import ExportFormat
 from app.settings import get_settings
 from app.workspaces.domain import KEY_FILE
 
 FINISHED = ("succeeded", "failed", "cancelled")
 RECORD_COUNT_HEADER = "X-Kma-Record-Count"
-"""The number of lines an export announces before its body."""
+"""The number of records an export announces before its body."""
+FILE_EXPORT_WAIT_SECONDS = 3600.0
+"""How long a Parquet or hf download waits for its first byte: the server writes the whole
+file first (about a minute for a million records)."""
 
 
 class KmaError(RuntimeError):
@@ -70,6 +75,7 @@ class Client:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         key = api_key or default_api_key()
+        self.timeout = timeout
         self.http = httpx.Client(
             base_url=base_url.rstrip("/"),
             timeout=timeout,
@@ -154,33 +160,104 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
             time.sleep(poll_seconds)
 
-    def download(self, job_id: str, dest: str | Path, *, policy: str = "suggested") -> int:
-        """Stream the export to `dest`; returns the number of lines written.
+    def example(self, job_id: str, position: int) -> dict[str, Any]:
+        """The audited example at `position`: its record, audit and review."""
+        result: dict[str, Any] = self._json(self.http.get(f"/v1/jobs/{job_id}/examples/{position}"))
+        return result
 
-        The lines go to a temporary file beside `dest`, which replaces `dest` only once their
-        number equals the one the server announced. Otherwise the temporary file is removed,
-        `dest` is left as it was, and this raises `IncompleteExport` (or `KmaError` when the
-        server answered an error).
+    def review(
+        self,
+        job_id: str,
+        position: int,
+        decision: str,
+        *,
+        answer: str | None = None,
+        note: str | None = None,
+    ) -> dict[str, Any]:
+        """Decide on a flagged example's relabel: `accept`, `reject`, or `override` with
+        `answer`. Returns the example with its review."""
+        body = {"decision": decision, "answer": answer, "note": note}
+        response = self.http.patch(
+            f"/v1/jobs/{job_id}/examples/{position}",
+            json={k: v for k, v in body.items() if v is not None},
+        )
+        result: dict[str, Any] = self._json(response)
+        return result
+
+    def review_many(self, job_id: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Store decisions (`{"position", "decision", "answer"?, "note"?}` each) all together,
+        or none: a bad item raises KmaError 422 naming its index. Returns the count stored and
+        the job's review counts."""
+        response = self.http.patch(f"/v1/jobs/{job_id}/examples", json={"items": items})
+        result: dict[str, Any] = self._json(response)
+        return result
+
+    def download(
+        self,
+        job_id: str,
+        dest: str | Path,
+        *,
+        policy: str = "suggested",
+        format: ExportFormat = "jsonl",
+        unreviewed: str | None = None,
+    ) -> int:
+        """Download the export to `dest`; returns the number of records written.
+
+        `format` is `jsonl`, `parquet` (one file) or `hf` (`dest` is a folder, which must be
+        absent or empty, that `datasets.load_from_disk` opens). `unreviewed` goes with the
+        `reviewed` policy. The export goes to a temporary file beside `dest`, which takes its
+        place only once it holds the number of records the server announced. Otherwise it is
+        removed, `dest` is left as it was, and this raises `IncompleteExport` (or `KmaError`
+        when the server answered an error).
         """
         dest = Path(dest)
-        # A name of its own, made like any file (umask permissions, unlike mkstemp's 0600).
-        temporary = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+        params = {"policy": policy, "format": format}
+        if unreviewed is not None:
+            params["unreviewed"] = unreviewed
+        if format == "hf" and dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise FileExistsError(f"{dest} exists and is not an empty folder")
+        # Names of their own, made like any file (umask permissions, unlike mkstemp's 0600).
+        part = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+        unpacked = part.with_suffix(".unpacked")
         try:
-            with temporary.open("xb") as out:
-                lines = self._stream_export(job_id, policy, out)
-            os.replace(temporary, dest)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-        return lines
+            with part.open("xb") as out:
+                expected, records = self._stream_export(job_id, params, out)
+            done = part
+            if format != "jsonl":
+                # pyarrow reads them: loaded here, not by every command.
+                from app.exports.files import downloaded_rows
 
-    def _stream_export(self, job_id: str, policy: str, out: IO[bytes]) -> int:
+                try:
+                    records = downloaded_rows(part, format, unpacked)
+                except (OSError, ValueError) as exc:
+                    raise IncompleteExport(job_id, expected, 0, str(exc)) from exc
+            if format == "hf":
+                part.unlink()
+                done = unpacked
+            if records != expected:
+                raise IncompleteExport(
+                    job_id, expected, records, f"received {records} records, {expected} announced"
+                )
+            os.replace(done, dest)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            shutil.rmtree(unpacked, ignore_errors=True)
+            raise
+        return records
+
+    def _stream_export(
+        self, job_id: str, params: dict[str, str], out: IO[bytes]
+    ) -> tuple[int, int]:
+        """Write the export's body to `out`: the count the server announced, and the lines
+        received."""
         lines = 0
         expected: int | None = None
         try:
-            with self.http.stream(
-                "GET", f"/v1/jobs/{job_id}/export", params={"policy": policy}
-            ) as r:
+            path = f"/v1/jobs/{job_id}/export"
+            timeout = httpx.Timeout(self.timeout)
+            if params["format"] != "jsonl":  # the server answers once the whole file is written
+                timeout = httpx.Timeout(self.timeout, read=FILE_EXPORT_WAIT_SECONDS)
+            with self.http.stream("GET", path, params=params, timeout=timeout) as r:
                 if r.is_error:
                     r.read()
                     self._json(r)
@@ -199,14 +276,8 @@ class Client:
         except httpx.HTTPError as exc:
             if expected is None:
                 raise
+            what = f"{lines} of {expected} records" if params["format"] == "jsonl" else "part way"
             raise IncompleteExport(
-                job_id,
-                expected,
-                lines,
-                f"the connection broke after {lines} of {expected} records ({exc})",
+                job_id, expected, lines, f"the connection broke after {what} ({exc})"
             ) from exc
-        if lines != expected:
-            raise IncompleteExport(
-                job_id, expected, lines, f"received {lines} records, {expected} announced"
-            )
-        return lines
+        return expected, lines

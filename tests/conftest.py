@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,12 +19,14 @@ import httpx
 import psycopg
 import pytest
 import schemathesis
+import uvicorn
 from fastapi import FastAPI
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, delete, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import make_engine, migrate
 from app.embedded import ensure_database, start_postgres, start_redis, stop_redis
+from kma.cli.processes import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -157,6 +161,51 @@ def assert_documented(app: FastAPI, operation: str, response: httpx.Response) ->
     content_type = response.headers["content-type"].split(";")[0]
     assert content_type in responses[str(response.status_code)]["content"]
     schemathesis.openapi.from_dict(spec)[path][method].validate_response(response)
+
+
+@pytest.fixture
+def server_url(db_engine: Engine) -> Iterator[str]:
+    """The app served for real by uvicorn on a free localhost port, on the session's database
+    (what it reads must be committed)."""
+    from app.db import session_scope
+    from app.main import create_app
+
+    sessions = sessionmaker(db_engine, expire_on_commit=False)
+
+    def request_session() -> Iterator[Session]:
+        with sessions() as session:
+            yield session
+
+    app = create_app()
+    app.dependency_overrides[session_scope] = request_session
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def committed_key(db_engine: Engine) -> Iterator[str]:
+    """A key of the test workspace, named "reviewer", committed for `server_url`; deleted after."""
+    from app.models import ApiKey
+    from app.workspaces.service import create_key
+
+    with Session(db_engine) as session:
+        read, key = create_key(session, "reviewer", TEST_WORKSPACE)
+        session.commit()
+    yield key
+    with Session(db_engine) as session:
+        session.execute(delete(ApiKey).where(ApiKey.id == read.id))
+        session.commit()
 
 
 @pytest.fixture(scope="session")

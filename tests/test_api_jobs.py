@@ -26,6 +26,7 @@ from app.jobs import repository as jobs_repository
 from app.jobs.service import build_report
 from app.models import Chunk, Job, JobStatus, Verdict, utcnow
 from app.queue import WORK, QueueUnavailable, get_queue
+from app.reviews.schemas import ReviewCounts
 from app.settings import Settings, get_settings
 from kma.cli.processes import free_port
 from kma.client import Client, IncompleteExport
@@ -511,6 +512,7 @@ def test_examples_carry_record_and_audit(client: TestClient, audited: str) -> No
         "group": None,
         "record": RECORDS[1],
         "audit": AUDITS[1].model_dump(mode="json"),
+        "review": None,
     }
     assert page["items"][0]["group"] == "P36"
 
@@ -693,7 +695,10 @@ def test_report_of_a_succeeded_job_is_the_stored_one(
     job = set_status(session, audited, JobStatus.SUCCEEDED, finished_at=utcnow())
     stored = build_report(session, job).model_copy(update={"seconds": 12.5})
     set_status(session, audited, JobStatus.SUCCEEDED, report=stored.model_dump(mode="json"))
-    assert client.get(f"/v1/jobs/{audited}/report").json() == stored.model_dump(mode="json")
+    no_reviews = ReviewCounts.of(stored.flagged, {})
+    assert client.get(f"/v1/jobs/{audited}/report").json() == stored.model_copy(
+        update={"reviews": no_reviews}
+    ).model_dump(mode="json")
     assert client.get(f"/v1/jobs/{uuid.uuid4()}/report").status_code == 404
 
 
@@ -739,6 +744,11 @@ def test_report_of_a_cancelled_job_is_partial(client: TestClient, audited: str) 
         "generations_used": 40,
         "mode": "adaptive",
         "student": TINY,
+        "reviews": {
+            "reviewed": 0,
+            "unreviewed": 2,
+            "decisions": {"accept": 0, "reject": 0, "override": 0},
+        },
     }
     page = client.get(f"/v1/jobs/{audited}/report.html")
     assert page.status_code == 200

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import subprocess
 import sys
+import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.audit.domain import EXPORT_POLICIES
 from app.audit.schemas import AuditConfig, Category, Report, SuggestedAction
 from app.datasets.domain import (
     RECORD_FORMATS,
@@ -26,6 +31,8 @@ from app.datasets.domain import (
     parse_record,
     with_answer,
 )
+from app.exports.domain import EXPORT_FORMATS, MEDIA_TYPES
+from app.exports.files import HF_DATA_FILE, HF_INFO_FILE, HF_STATE_FILE
 from app.jobs import service as jobs_service
 from app.models import Dataset, Job, JobStatus, utcnow
 from app.models import Example as ExampleRow
@@ -408,8 +415,16 @@ def client(api: FastAPI, api_key: str, broker_url: str) -> Iterator[TestClient]:
         yield client
 
 
+OVERRIDE = "Ora Lind"
+DECISIONS = [
+    {"position": 1, "decision": "override", "answer": OVERRIDE},
+    {"position": 2, "decision": "reject"},
+]
+"""What a person decided on the flagged examples: the `reviewed` policy applies it."""
+
+
 def audited_job(client: TestClient, session: Session, record_format: str, form: str) -> str:
-    """Upload the format's dataset, and finish a job over it as a worker would."""
+    """Upload the format's dataset, finish a job over it as a worker would, and review it."""
     response = client.post(
         "/v1/datasets",
         files={"file": ("t.jsonl", jsonl(*dataset_of(record_format)))},
@@ -420,7 +435,26 @@ def audited_job(client: TestClient, session: Session, record_format: str, form: 
     job_id = submit(client, response.json()["id"], config={"idk_text": IDK})["id"]
     add_verdicts(session, job_id, AUDITS)
     set_status(session, job_id, JobStatus.SUCCEEDED, finished_at=utcnow())
+    review = client.patch(f"/v1/jobs/{job_id}/examples", json={"items": DECISIONS})
+    assert review.status_code == 200, review.text
     return job_id
+
+
+def expected_export(record_format: str, policy: str) -> list[dict[str, Any]]:
+    """The records each policy writes for `dataset_of(record_format)`, audited and reviewed."""
+    keep, student, idk = dataset_of(record_format)
+    at = ANSWER_AT[record_format]
+    return {
+        "suggested": [keep, put(student, at, "Bo Ek"), put(idk, at, IDK)],
+        "drop": [keep],
+        "idk": [keep, put(student, at, IDK), put(idk, at, IDK)],
+        "student": [keep, put(student, at, "Bo Ek"), put(idk, at, "Vark")],
+        "annotate": [
+            {**r, "audit": a.model_dump(mode="json")}
+            for r, a in zip(dataset_of(record_format), AUDITS, strict=True)
+        ],
+        "reviewed": [keep, put(student, at, OVERRIDE), idk],
+    }[policy]
 
 
 def export_lines(client: TestClient, job_id: str, policy: str) -> list[str]:
@@ -434,22 +468,10 @@ def test_export_writes_the_relabel_in_the_formats_answer(
     client: TestClient, session: Session, record_format: str
 ) -> None:
     job_id = audited_job(client, session, record_format, "auto")
-    keep, student, idk = dataset_of(record_format)
-    at = ANSWER_AT[record_format]
-    expected = {
-        "suggested": [keep, put(student, at, "Bo Ek"), put(idk, at, IDK)],
-        "drop": [keep],
-        "idk": [keep, put(student, at, IDK), put(idk, at, IDK)],
-        "student": [keep, put(student, at, "Bo Ek"), put(idk, at, "Vark")],
-        "annotate": [
-            {**r, "audit": a.model_dump(mode="json")}
-            for r, a in zip(dataset_of(record_format), AUDITS, strict=True)
-        ],
-    }
-    for policy, records in expected.items():
+    for policy in EXPORT_POLICIES:
         # Byte for byte: the relabel lands in its place and nothing else moves, key order included.
         assert export_lines(client, job_id, policy) == [
-            json.dumps(r, ensure_ascii=False) for r in records
+            json.dumps(r, ensure_ascii=False) for r in expected_export(record_format, policy)
         ], policy
     examples = client.get(f"/v1/jobs/{job_id}/examples").json()["items"]
     assert [e["id"] for e in examples] == ["x0", "x1", "3"]
@@ -520,7 +542,7 @@ def test_exported_messages_pass_the_openai_fine_tuning_rules(
     client: TestClient, session: Session
 ) -> None:
     job_id = audited_job(client, session, "messages", "auto")
-    for policy in ("suggested", "drop", "idk", "student", "annotate"):
+    for policy in EXPORT_POLICIES:
         assert openai_chat_problems(export_lines(client, job_id, policy)) == [], policy
 
 
@@ -543,6 +565,88 @@ def test_exports_load_with_hugging_face_datasets(
             for step in ANSWER_AT[record_format]:
                 row = row[step]
             assert row == ("Bo Ek" if policy == "suggested" else "Ann Vey")
+
+
+def without_nulls(value: Any) -> Any:
+    """The value with every null-valued key left out, at every depth: a columnar file gives a
+    key some records lack as null."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
+
+
+def read_back(content: bytes, export_format: str, folder: Path) -> list[dict[str, Any]]:
+    """The records of an export, read as a user would: JSON lines, or with pyarrow and with
+    Hugging Face `datasets`, which must agree."""
+    if export_format == "jsonl":
+        return [json.loads(line) for line in content.decode().splitlines()]
+    datasets = pytest.importorskip("datasets")
+    folder.mkdir()
+    if export_format == "parquet":
+        path = folder / "export.parquet"
+        path.write_bytes(content)
+        rows: list[dict[str, Any]] = pq.read_table(path).to_pylist()
+        loaded = datasets.Dataset.from_parquet(str(path), cache_dir=str(folder / "cache"))
+    else:
+        with tarfile.open(fileobj=io.BytesIO(content)) as tar:
+            assert sorted(tar.getnames()) == [HF_DATA_FILE, HF_INFO_FILE, HF_STATE_FILE]
+            tar.extractall(folder / "dataset", filter="data")
+        loaded = datasets.load_from_disk(str(folder / "dataset"))
+        with pa.memory_map(str(folder / "dataset" / HF_DATA_FILE)) as source:
+            rows = pa.ipc.open_stream(source).read_all().to_pylist()
+    assert loaded.to_list() == rows
+    return rows
+
+
+@pytest.mark.parametrize("export_format", EXPORT_FORMATS)
+@pytest.mark.parametrize("policy", EXPORT_POLICIES)
+@pytest.mark.parametrize("record_format", RECORD_FORMATS)
+def test_every_policy_in_every_export_format(
+    client: TestClient,
+    session: Session,
+    tmp_path: Path,
+    record_format: str,
+    policy: str,
+    export_format: str,
+) -> None:
+    job_id = audited_job(client, session, record_format, "auto")
+    response = client.get(
+        f"/v1/jobs/{job_id}/export", params={"policy": policy, "format": export_format}
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith(MEDIA_TYPES[export_format])
+    suffix = {"jsonl": "jsonl", "parquet": "parquet", "hf": "tar"}[export_format]
+    assert response.headers["content-disposition"] == (
+        f'attachment; filename="kma-{job_id}-{policy}.{suffix}"'
+    )
+    records = read_back(response.content, export_format, tmp_path / "read")
+    expected = expected_export(record_format, policy)
+    assert int(response.headers["X-Kma-Record-Count"]) == len(records) == len(expected)
+    if export_format == "jsonl":
+        assert records == expected
+    else:  # every key of the records, in their order, nested ones as lists and structs
+        assert without_nulls(records) == without_nulls(expected)
+        assert list(records[0]) == list(expected[0])
+
+
+def test_records_of_mixed_types_are_refused_as_parquet(
+    client: TestClient, session: Session
+) -> None:
+    records = [{**QA, "id": f"m{i}", "source": source} for i, source in enumerate([1, "a", 2])]
+    response = client.post("/v1/datasets", files={"file": ("t.jsonl", jsonl(*records))})
+    job_id = submit(client, response.json()["id"])["id"]
+    set_status(session, job_id, JobStatus.SUCCEEDED, finished_at=utcnow())
+    for export_format in ("parquet", "hf"):
+        response = client.get(f"/v1/jobs/{job_id}/export", params={"format": export_format})
+        assert response.status_code == 422
+        assert response.json()["detail"] == (
+            f"job {job_id} cannot be exported as {export_format}: field 'source' of record 2 is "
+            "a string, and an integer in an earlier record: a column holds one type; export it "
+            "as jsonl"
+        )
+    assert len(export_lines(client, job_id, "suggested")) == 3
 
 
 # --- the worker and `kma audit` read the dataset's format ----------------------------------------

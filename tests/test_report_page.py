@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-import socket
+import base64
+import json
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, delete
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Engine, delete, select
+from sqlalchemy.orm import Session
+from websockets.sync.client import ClientConnection, connect
 
 from app.audit.domain import Verdict, find_conflicts, summarize
 from app.audit.schemas import (
@@ -32,7 +34,7 @@ from app.audit.schemas import (
 )
 from app.datasets.domain import Example, parse_record
 from app.jobs import service
-from app.models import Dataset, Job, JobStatus, Workspace, utcnow
+from app.models import Dataset, Decision, Job, JobStatus, Review, Workspace, utcnow
 from app.models import Example as ExampleRow
 from app.models import Verdict as VerdictRow
 from app.students.schemas import Student
@@ -299,13 +301,6 @@ def test_report_page_of_a_cancelled_job(client: TestClient, session: Session) ->
 # --- the page in a browser --------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def committed_job(db_engine: Engine) -> Iterator[uuid.UUID]:
     """The audited job, committed so a server with its own sessions reads it; deleted after."""
@@ -316,35 +311,6 @@ def committed_job(db_engine: Engine) -> Iterator[uuid.UUID]:
     with Session(db_engine) as session:
         session.execute(delete(Dataset).where(Dataset.id == dataset_id))
         session.commit()
-
-
-@pytest.fixture
-def server_url(db_engine: Engine) -> Iterator[str]:
-    """The app served for real by uvicorn on a free localhost port."""
-    from app.db import session_scope
-    from app.main import create_app
-
-    sessions = sessionmaker(db_engine, expire_on_commit=False)
-
-    def request_session() -> Iterator[Session]:
-        with sessions() as session:
-            yield session
-
-    app = create_app()
-    app.dependency_overrides[session_scope] = request_session
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -494,8 +460,143 @@ def test_report_page_in_a_browser(
     ]
     assert cells(flagged)[1] == [
         "c", "P131", SCRIPT_QUESTION, "Lutz", "Vark", "30%", "Unknown", "relabel_idk", IDK,
+        "not yet Accept Reject Override",
     ]  # fmt: skip
-    assert cells(flagged)[0][-2:] == ["relabel_student", "Bo Ek"]
+    assert cells(flagged)[0][7:9] == ["relabel_student", "Bo Ek"]
     assert dom.spans["flagged-count"] == "1 of 3 rows"
     assert dom.spans["conflict-count"] == "2 of 2 rows"
     assert [row[0] for row in cells(dom.tables["conflict-table"])] == ["b", "f"]
+
+
+class Page:
+    """A page of a headless Chromium, driven over the DevTools protocol: scripts run in it as
+    a person's clicks and keys would."""
+
+    def __init__(self, socket: ClientConnection) -> None:
+        self.socket = socket
+        self.calls = 0
+
+    def call(self, method: str, **params: Any) -> Any:
+        self.calls += 1
+        self.socket.send(json.dumps({"id": self.calls, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.socket.recv(timeout=30))
+            if message.get("id") == self.calls:
+                return message["result"]
+
+    def run(self, script: str) -> Any:
+        """The value of a script run in the page (awaited when it is a promise)."""
+        result = self.call(
+            "Runtime.evaluate", expression=script, awaitPromise=True, returnByValue=True
+        )
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    def screenshot(self, path: Path) -> None:
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot")["data"]))
+
+    def wait_for(self, script: str, timeout: float = 30) -> Any:
+        deadline = time.monotonic() + timeout
+        while not (value := self.run(script)):
+            assert time.monotonic() < deadline, f"still false: {script}"
+            time.sleep(0.1)
+        return value
+
+
+@contextmanager
+def browser_page(tmp_path: Path, url: str) -> Iterator[Page]:
+    """Chromium showing `url`, for as long as the block runs."""
+    profile = tmp_path / "chromium-devtools"
+    process = subprocess.Popen(
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--remote-debugging-port=0",
+            f"--user-data-dir={profile}",
+            "--window-size=1280,1600",
+            url,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        active = profile / "DevToolsActivePort"  # its port, once it listens
+        deadline = time.monotonic() + 60
+        while not (active.exists() and len(active.read_text().splitlines()) == 2):
+            assert process.poll() is None and time.monotonic() < deadline, "no DevTools port"
+            time.sleep(0.1)
+        port = active.read_text().splitlines()[0]
+        targets = httpx.get(f"http://127.0.0.1:{port}/json/list").json()
+        page = next(target for target in targets if target["type"] == "page")
+        with connect(page["webSocketDebuggerUrl"], max_size=None) as socket:
+            yield Page(socket)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_reviewing_from_the_page_in_a_browser(
+    tmp_path: Path,
+    server_url: str,
+    committed_job: uuid.UUID,
+    committed_key: str,
+    db_engine: Engine,
+) -> None:
+    """A person opens the signed link, clicks Accept, gives the key once, then overrides
+    another example: both decisions are stored under their key's name."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: apt-get install -y chromium")
+    with Session(db_engine) as session:
+        job = session.get_one(Job, committed_job)
+        secret = session.get_one(Workspace, job.workspace_id).webhook_secret
+    access = page_link_token(secret, committed_job, time.time())
+    url = f"{server_url}/v1/jobs/{committed_job}/report.html?access={access}"
+    row = "document.querySelector('#flagged-table tr[data-position=\"5\"]')"  # id "f"
+    other = "document.querySelector('#flagged-table tr[data-position=\"2\"]')"  # id "c"
+    with browser_page(tmp_path, url) as browser:
+        browser.wait_for(f"document.readyState === 'complete' && !!{row}")
+        assert browser.run(f"{row}.cells[0].textContent.trim()") == "f"
+        assert browser.run("document.getElementById('review-key').hidden") is True
+        browser.run(f"{row}.querySelector('button[data-decision=accept]').click()")
+        # No key yet: the page asks for one, and has sent nothing.
+        assert browser.run("document.getElementById('review-key').hidden") is False
+        browser.run(
+            "const form = document.getElementById('review-key');"
+            f"form.elements.key.value = {json.dumps(committed_key)}; form.requestSubmit();"
+        )
+        browser.wait_for(
+            f"{row}.querySelector('td.review .decision').textContent.includes('accept')"
+        )
+        assert browser.run(f"{row}.querySelector('td.review .decision').textContent") == (
+            "acceptby reviewer"
+        )
+        browser.run(
+            f"{other}.querySelector('td.review input').value = 'Lutz-on-Tarn';"
+            f"{other}.querySelector('button[data-decision=override]').click();"
+        )
+        browser.wait_for(
+            f"{other}.querySelector('td.review .decision').textContent.includes('override')"
+        )
+        assert browser.run("document.getElementById('review-key').hidden") is True  # asked once
+        assert browser.run("sessionStorage.getItem('kma-api-key')") == committed_key
+        assert browser.run("document.getElementById('review-status').textContent") == (
+            "Saved: c override."
+        )
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.run("document.getElementById('flagged').scrollIntoView()")
+        browser.screenshot(ARTIFACTS / "report_page_reviewed.png")
+    with Session(db_engine) as session:
+        stored = {
+            r.position: (r.decision, r.answer, r.reviewed_by)
+            for r in session.scalars(select(Review).where(Review.job_id == committed_job))
+        }
+    assert stored == {
+        5: (Decision.ACCEPT, None, "reviewer"),
+        2: (Decision.OVERRIDE, "Lutz-on-Tarn", "reviewer"),
+    }

@@ -20,7 +20,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.db import make_engine
-from app.models import ApiKey, Dataset, Job, JobStatus, Verdict
+from app.models import ApiKey, Dataset, Job, JobStatus, Review, Verdict
 from app.queue import get_queue
 from app.settings import Settings, get_settings
 from app.workspaces import service as workspaces
@@ -77,8 +77,13 @@ def every_call(dataset_id: str, job_id: str) -> list[tuple[str, str, dict[str, A
         ("POST", f"{job}/cancel", {}),
         ("DELETE", job, {}),
         ("GET", f"{job}/examples", {}),
+        ("GET", f"{job}/examples/1", {}),
+        ("PATCH", f"{job}/examples/1", {"json": {"decision": "accept"}}),
+        ("PATCH", f"{job}/examples", {"json": {"items": [{"position": 1, "decision": "reject"}]}}),
         ("GET", f"{job}/conflicts", {}),
         ("GET", f"{job}/export", {}),
+        ("GET", f"{job}/export", {"params": {"policy": "reviewed", "format": "parquet"}}),
+        ("GET", f"{job}/export", {"params": {"format": "hf"}}),
         ("GET", f"{job}/report", {}),
         ("GET", f"{job}/report.html", {}),
     ]
@@ -96,10 +101,10 @@ def _without(detail: str, ids: tuple[str, ...]) -> str:
     return detail
 
 
-def counts(session: Session) -> tuple[int, int, int]:
+def counts(session: Session) -> tuple[int, int, int, int]:
     return tuple(  # type: ignore[return-value]
         session.scalar(select(func.count()).select_from(model)) or 0
-        for model in (Dataset, Job, Verdict)
+        for model in (Dataset, Job, Verdict, Review)
     )
 
 
@@ -197,7 +202,7 @@ def test_deleting_a_dataset_removes_what_came_of_it(
         assert red.delete(f"/v1/datasets/{red_job['dataset']}").status_code == 204
         assert red.get(f"/v1/datasets/{red_job['dataset']}").status_code == 404
         assert red.get(f"/v1/jobs/{running}").status_code == 404
-    assert counts(session) == (0, 0, 0)
+    assert counts(session) == (0, 0, 0, 0)
 
 
 def test_deleting_a_job_keeps_its_dataset(
@@ -207,7 +212,7 @@ def test_deleting_a_job_keeps_its_dataset(
         assert red.delete(f"/v1/jobs/{red_job['job']}").status_code == 204
         assert red.get(f"/v1/jobs/{red_job['job']}").status_code == 404
         assert red.get(f"/v1/datasets/{red_job['dataset']}").status_code == 200
-    assert counts(session) == (1, 0, 0)
+    assert counts(session) == (1, 0, 0, 0)
 
 
 def test_idempotency_keys_belong_to_their_workspace(
@@ -274,7 +279,7 @@ def test_the_first_start_saves_a_key_once(postgres_admin_url: str, tmp_path: Pat
         engine = make_engine(url)
         with Session(engine) as session:
             found = workspaces.authenticate(session, key)
-            assert found is not None and found[1].name == "default"
+            assert found is not None and found.workspace.name == "default"
             assert session.scalar(select(func.count()).select_from(ApiKey)) == 1
         engine.dispose()
 

@@ -14,7 +14,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from app.audit.schemas import (
     Audit,
@@ -26,6 +26,8 @@ from app.audit.schemas import (
     SuggestedAction,
 )
 from app.datasets.domain import Example, with_answer
+from app.models import Decision
+from app.reviews.domain import DEFAULT_UNREVIEWED, Review, Unreviewed
 
 # --- matching ---------------------------------------------------------------------------------
 
@@ -404,14 +406,25 @@ def replay(example: Example, table: Tally, config: AuditConfig) -> Verdict:
 
 # --- export -----------------------------------------------------------------------------------
 
-ExportPolicy = Literal["suggested", "drop", "idk", "student", "annotate"]
-EXPORT_POLICIES: tuple[ExportPolicy, ...] = ("suggested", "drop", "idk", "student", "annotate")
+ExportPolicy = Literal["suggested", "drop", "idk", "student", "annotate", "reviewed"]
+EXPORT_POLICIES: tuple[ExportPolicy, ...] = get_args(ExportPolicy)
 
 
 def export_record(
-    raw: dict[str, Any], audit: Audit, policy: ExportPolicy, idk_text: str, format: str
+    raw: dict[str, Any],
+    audit: Audit,
+    policy: ExportPolicy,
+    idk_text: str,
+    format: str,
+    review: Review | None = None,
+    unreviewed: Unreviewed = DEFAULT_UNREVIEWED,
 ) -> dict[str, Any] | None:
-    """The record as the policy writes it back, in its own `format`; None when it is dropped."""
+    """The record as the policy writes it back, in its own `format`; None when it is dropped.
+
+    `reviewed` applies the example's `review`: accept writes the suggested relabel, reject
+    keeps the teacher's answer, override writes the reviewer's answer; a flagged example without
+    a review is written as `unreviewed` says (its suggestion, dropped, or kept as it was).
+    """
     if policy == "annotate":
         return {**raw, "audit": audit.model_dump(mode="json")}
     if not audit.flagged:
@@ -422,6 +435,17 @@ def export_record(
         return with_answer(format, raw, idk_text)
     if policy == "student":
         return with_answer(format, raw, audit.student_answer or idk_text)
+    if policy == "reviewed":
+        if review is None:
+            if unreviewed == "drop":
+                return None
+            if unreviewed == "keep":
+                return raw
+        elif review.decision == Decision.REJECT:
+            return raw
+        elif review.decision == Decision.OVERRIDE:
+            assert review.answer is not None
+            return with_answer(format, raw, review.answer)
     assert audit.suggested_answer is not None
     return with_answer(format, raw, audit.suggested_answer)
 

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.reviews.schemas import ReviewCounts
 from app.students.schemas import Student
 
 
@@ -216,3 +217,8 @@ class Report(ReportCounts):
     student: Student = Field(description="The model audited.")
     config: AuditConfig = Field(description="The method options the audit ran with.")
     seconds: float = Field(description="Wall-clock seconds from start to end.")
+    reviews: ReviewCounts | None = Field(
+        None,
+        description="How many flagged examples people have reviewed, per decision, as the "
+        "report is read; null where no one reviews (`kma audit`'s report.json).",
+    )

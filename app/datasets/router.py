@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -12,20 +12,19 @@ from pydantic import BeforeValidator
 
 from app.datasets import service
 from app.datasets.domain import Limits, unstorable_text
-from app.datasets.schemas import DatasetPage, DatasetRead, InvalidDatasetRead, UploadFormat
+from app.datasets.schemas import (
+    DatasetPage,
+    DatasetRead,
+    InvalidDatasetRead,
+    UploadFormat,
+    storable,
+)
 from app.deps import SessionDep, SettingsDep, WorkspaceDep
 from app.errors import AUTH, NOT_FOUND, UNPARSABLE, ErrorRead, ValidationErrorRead
 
 UPLOAD_CHUNK_BYTES = 1 << 20
 
 router = APIRouter(prefix="/datasets", tags=["datasets"], responses=AUTH)
-
-
-def storable(value: Any) -> Any:
-    # Before pydantic's own check, which refuses a lone surrogate without saying so.
-    if isinstance(value, str) and (problem := unstorable_text(value)):
-        raise ValueError(problem)
-    return value
 
 
 @router.post(

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.datasets.domain import RecordFormat
+from app.datasets.domain import RecordFormat, unstorable_text
 
 UploadFormat = Literal["auto", RecordFormat]
 """`auto` takes the first record's format as the file's; a named format reads every record so."""
+
+
+def storable(value: Any) -> Any:
+    """A `BeforeValidator` for text the database must hold: no NUL, no lone surrogate."""
+    # Before pydantic's own check, which refuses a lone surrogate without saying so.
+    if isinstance(value, str) and (problem := unstorable_text(value)):
+        raise ValueError(problem)
+    return value
 
 
 class DatasetRead(BaseModel):

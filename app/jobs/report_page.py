@@ -11,6 +11,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from app.audit.schemas import Category, ConflictRead, GroupCounts, Report
 from app.jobs.schemas import JobLinks
+from app.reviews.schemas import ReviewRead
 
 NO_GROUP = "(no group)"
 MAX_GROUPS = 500
@@ -69,8 +70,9 @@ _templates.filters.update(
 
 @dataclass(frozen=True)
 class FlaggedRow:
-    """A flagged example as the page's table shows it."""
+    """A flagged example as the page's table shows it, with its review."""
 
+    position: int
     id: str
     group: str | None
     question: str
@@ -80,6 +82,7 @@ class FlaggedRow:
     category: str
     suggested_action: str
     suggested_answer: str | None
+    review: ReviewRead | None
 
 
 @dataclass(frozen=True)

@@ -183,13 +183,14 @@ def count_records(session: Session, job: Job, *, without_flagged: bool) -> int:
 
 def iter_records(
     session: Session, job: Job
-) -> Iterator[tuple[dict[str, Any], dict[str, Any] | None]]:
-    """Every example of the job's dataset in upload order, with its audit when it has one.
+) -> Iterator[tuple[int, dict[str, Any], dict[str, Any] | None]]:
+    """Every example of the job's dataset in upload order (position, record), with its audit
+    when it has one.
 
     Read from a server-side cursor in batches, so memory does not grow with the dataset.
     """
     query = (
-        select(Example.raw, Verdict.audit)
+        select(Example.position, Example.raw, Verdict.audit)
         .outerjoin(Verdict, and_(Verdict.job_id == job.id, Verdict.position == Example.position))
         .where(Example.dataset_id == job.dataset_id)
         .order_by(Example.position)

@@ -6,7 +6,7 @@ import logging
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Path, Query
 from fastapi.responses import HTMLResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy.orm import Session
@@ -24,10 +24,12 @@ from app.errors import (
     Responses,
     as_json,
 )
+from app.exports.domain import MEDIA_TYPES, ExportFormat
 from app.jobs import service
-from app.jobs.schemas import ConflictPage, ExamplePage, JobCreate, JobPage, JobRead
-from app.models import JobStatus
+from app.jobs.schemas import ConflictPage, ExamplePage, ExampleRead, JobCreate, JobPage, JobRead
+from app.models import POSITION_MAX, JobStatus
 from app.queue import SEND_WEBHOOK, WORK, Queue, QueueUnavailable
+from app.reviews.domain import Unreviewed
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,6 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], responses=AUTH)
 RECORD_COUNT_HEADER = "X-Kma-Record-Count"
 
 Limit = Annotated[int, Query(ge=1, le=200, description="Items per page.")]
-POSITION_MAX = 2**31 - 1
-"""Positions are PostgreSQL integers: a cursor beyond them would overflow the query."""
 PositionCursor = Annotated[
     int | None, Query(ge=0, le=POSITION_MAX, description="`next_cursor` of a page.")
 ]
@@ -126,7 +126,7 @@ def poll_job(
     (which gives the connection back), where a plain route would take a thread for the key,
     one for itself, one to check its answer and one to close its session. Clients poll it."""
     try:
-        workspace = authorize(session, settings, credentials)
+        workspace = authorize(session, settings, credentials).workspace
         return service.get_job(session, workspace, job_id)
     finally:
         session.rollback()
@@ -172,6 +172,17 @@ def list_examples(
     return service.list_examples(session, workspace.id, job_id, category, flagged, cursor, limit)
 
 
+@router.get("/{job_id}/examples/{position}", summary="Get an audited example", responses=NOT_FOUND)
+def get_example(
+    session: SessionDep,
+    workspace: WorkspaceDep,
+    job_id: uuid.UUID,
+    position: Annotated[int, Path(ge=0, le=POSITION_MAX, description="0-based.")],
+) -> ExampleRead:
+    """The example at `position`, with its record, audit and review."""
+    return service.get_example(session, workspace.id, job_id, position)
+
+
 @router.get("/{job_id}/conflicts", summary="List a job's conflicts", responses=NOT_FOUND)
 def list_conflicts(
     session: SessionDep,
@@ -191,14 +202,16 @@ def list_conflicts(
     response_class=StreamingResponse,
     responses={
         200: {
-            "content": {"application/x-ndjson": {}},
-            "description": "The dataset as JSONL, in upload order, rewritten by the policy. "
-            "A failure part way aborts the connection: the body never ends cleanly short.",
+            "content": {media_type: {} for media_type in MEDIA_TYPES.values()},
+            "description": "The dataset in upload order, rewritten by the policy: JSONL "
+            "streamed as it is read, a Parquet file, or (`hf`) a tar of a folder that "
+            "`datasets.load_from_disk` opens. A failure part way aborts the connection: the "
+            "body never ends cleanly short.",
             "headers": {
                 RECORD_COUNT_HEADER: {
-                    "description": "The number of lines the body holds: the dataset's "
-                    "examples, or for `drop` those without a flagged verdict. A client keeps "
-                    "the file only when it received exactly this many.",
+                    "description": "The number of records the body holds: the dataset's "
+                    "examples, less those the policy drops. A client keeps the file only when "
+                    "it received exactly this many.",
                     "schema": {"type": "integer", "minimum": 0},
                 }
             },
@@ -212,23 +225,38 @@ def export_job(
     workspace: WorkspaceDep,
     job_id: uuid.UUID,
     policy: ExportPolicy = "suggested",
+    export_format: Annotated[
+        ExportFormat,
+        Query(
+            alias="format",
+            description="`jsonl` (streamed), `parquet` (one file), or `hf` (a Hugging Face "
+            "`datasets` folder, as a tar).",
+        ),
+    ] = "jsonl",
+    unreviewed: Annotated[
+        Unreviewed | None,
+        Query(
+            description="With `reviewed`: what a flagged example no one has decided on "
+            "becomes: its suggested relabel (default), dropped, or kept as the teacher wrote it."
+        ),
+    ] = None,
 ) -> StreamingResponse:
-    """Stream the dataset back in its own record format.
+    """Send the dataset back, each record in its own record format.
 
     `suggested` replaces flagged answers by the suggested ones, `drop` removes flagged rows,
     `idk` and `student` answer every flagged row with the idk text or the student's answer,
-    `annotate` keeps every row and adds its `audit` object. The `X-Kma-Record-Count` header
-    announces the number of lines.
+    `annotate` keeps every row and adds its `audit` object, `reviewed` applies people's
+    decisions (accept: the suggestion; reject: the teacher's answer; override: the reviewer's).
+    The `X-Kma-Record-Count` header announces the number of records.
     """
-    export = service.export_job(session, workspace.id, job_id, policy)
-    return StreamingResponse(
-        export.chunks,
-        media_type="application/x-ndjson",
-        headers={
-            RECORD_COUNT_HEADER: str(export.record_count),
-            "Content-Disposition": f'attachment; filename="kma-{job_id}-{policy}.jsonl"',
-        },
-    )
+    export = service.export_job(session, workspace.id, job_id, policy, export_format, unreviewed)
+    headers = {
+        RECORD_COUNT_HEADER: str(export.record_count),
+        "Content-Disposition": f'attachment; filename="{export.filename}"',
+    }
+    if export.size is not None:
+        headers["Content-Length"] = str(export.size)
+    return StreamingResponse(export.chunks, media_type=export.media_type, headers=headers)
 
 
 @router.get(
@@ -271,5 +299,5 @@ def get_report_page(
     """The report for people: category and per-group charts, conflicts, flagged examples."""
     if credentials is None and access is not None:
         return HTMLResponse(service.get_report_page_by_link(session, job_id, access))
-    workspace = authorize(session, settings, credentials)
+    workspace = authorize(session, settings, credentials).workspace
     return HTMLResponse(service.get_report_page(session, workspace, job_id))

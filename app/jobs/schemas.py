@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 from app.audit.schemas import Audit, AuditConfig, Category, ConflictRead
 from app.models import JobStatus
+from app.reviews.schemas import ReviewCounts, ReviewRead
 from app.students.schemas import Student, StudentName
 
 
@@ -58,6 +59,7 @@ class JobRead(BaseModel):
     webhook_url: str | None
     progress: Progress
     generations: GenerationCounts
+    reviews: ReviewCounts = Field(description="How far people have reviewed the flagged examples.")
     eta_seconds: float | None = Field(
         description="Estimated seconds left, from the pace so far; null unless running."
     )
@@ -80,6 +82,7 @@ class ExampleRead(BaseModel):
     group: str | None
     record: dict[str, Any] = Field(description="The record as uploaded.")
     audit: Audit
+    review: ReviewRead | None = Field(description="A person's decision on it; null when none.")
 
 
 class ExamplePage(BaseModel):

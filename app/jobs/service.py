@@ -25,7 +25,15 @@ from app.audit.domain import (
 from app.audit.schemas import Audit, AuditConfig, Category, ConflictRead, Report
 from app.datasets import service as datasets_service
 from app.datasets.domain import parse_record
-from app.errors import Conflict, InvalidField, NotFound, Unauthorized
+from app.errors import (
+    Conflict,
+    InvalidField,
+    InvalidFields,
+    NotFound,
+    Unauthorized,
+    Unprocessable,
+)
+from app.exports.domain import MEDIA_TYPES, SUFFIXES, ExportFormat, UnwritableRecords
 from app.jobs import lifecycle, report_page, repository
 from app.jobs.schemas import (
     ConflictPage,
@@ -39,7 +47,10 @@ from app.jobs.schemas import (
     Progress,
 )
 from app.models import Example as ExampleRow
-from app.models import Job, JobStatus, Verdict, Workspace, utcnow
+from app.models import Job, JobStatus, Review, Verdict, Workspace, utcnow
+from app.reviews import repository as reviews_repository
+from app.reviews.domain import DEFAULT_UNREVIEWED, Unreviewed
+from app.reviews.schemas import ReviewCounts, ReviewRead
 from app.settings import Settings
 from app.students import service as students_service
 from app.students.schemas import Student
@@ -66,6 +77,10 @@ def _get(
     return job
 
 
+find_job = _get
+"""The workspace's job, for the use cases of other packages."""
+
+
 def _eta_seconds(job: Job, now: datetime) -> float | None:
     """Time left at the pace so far; unknown until the job runs and has a verdict."""
     if job.status != JobStatus.RUNNING or job.started_at is None or job.done == 0:
@@ -88,10 +103,13 @@ def _links(job: Job, secret: str) -> JobLinks:
     )
 
 
-def _read_many(jobs: Sequence[Job], secret: str) -> list[JobRead]:
-    """The jobs of one workspace (whose secret signs their links) as polled: from their rows
-    alone, whose counters the workers keep."""
+def _read_many(session: Session, jobs: Sequence[Job], secret: str) -> list[JobRead]:
+    """The jobs of one workspace (whose secret signs their links) as polled: from their rows,
+    whose counters the workers keep, and for finished jobs, which alone are reviewed, one
+    count of their review decisions."""
     now = utcnow()
+    finished = [job.id for job in jobs if job.status in EXPORTABLE]
+    decisions = reviews_repository.decision_counts(session, finished) if finished else {}
     return [
         JobRead(
             id=job.id,
@@ -110,6 +128,7 @@ def _read_many(jobs: Sequence[Job], secret: str) -> list[JobRead]:
                 flagged=job.flagged,
             ),
             generations=GenerationCounts(new=job.generations, cached=job.cached_generations),
+            reviews=ReviewCounts.of(job.flagged, decisions.get(job.id, {})),
             eta_seconds=_eta_seconds(job, now),
             error=job.error,
             created_at=job.created_at,
@@ -121,8 +140,8 @@ def _read_many(jobs: Sequence[Job], secret: str) -> list[JobRead]:
     ]
 
 
-def _read(job: Job, secret: str) -> JobRead:
-    return _read_many([job], secret)[0]
+def _read(session: Session, job: Job, secret: str) -> JobRead:
+    return _read_many(session, [job], secret)[0]
 
 
 def create_job(
@@ -174,10 +193,10 @@ def create_job(
                     f"Idempotency-Key {idempotency_key!r} was used for another submission "
                     f"(job {existing.id})"
                 )
-            return _read(existing, workspace.webhook_secret), False
+            return _read(session, existing, workspace.webhook_secret), False
     session.add(job)
     session.flush()
-    return _read(job, workspace.webhook_secret), True
+    return _read(session, job, workspace.webhook_secret), True
 
 
 def _check_generations(config: AuditConfig, examples: int, limit: int) -> None:
@@ -197,7 +216,7 @@ def _submission(job: Job) -> tuple[Any, ...]:
 
 
 def get_job(session: Session, workspace: Workspace, job_id: uuid.UUID) -> JobRead:
-    return _read(_get(session, workspace.id, job_id), workspace.webhook_secret)
+    return _read(session, _get(session, workspace.id, job_id), workspace.webhook_secret)
 
 
 def list_jobs(
@@ -215,7 +234,9 @@ def list_jobs(
     jobs = repository.list_jobs(session, workspace.id, status, after, limit + 1)
     page = jobs[:limit]
     next_cursor = page[-1].id if len(jobs) > limit else None
-    return JobPage(items=_read_many(page, workspace.webhook_secret), next_cursor=next_cursor)
+    return JobPage(
+        items=_read_many(session, page, workspace.webhook_secret), next_cursor=next_cursor
+    )
 
 
 @dataclass(frozen=True)
@@ -233,7 +254,7 @@ def webhook_of(session: Session, job_id: uuid.UUID) -> Webhook | None:
     if job is None or not job.webhook_url:
         return None
     workspace = session.get_one(Workspace, job.workspace_id)
-    body = _read(job, workspace.webhook_secret).model_dump_json().encode()
+    body = _read(session, job, workspace.webhook_secret).model_dump_json().encode()
     return Webhook(job.webhook_url, body, workspace.webhook_secret)
 
 
@@ -252,7 +273,7 @@ def cancel_job(session: Session, workspace: Workspace, job_id: uuid.UUID) -> Job
     job = _get(session, workspace.id, job_id, lock=True)
     lifecycle.cancel(job)
     session.flush()
-    return _read(job, workspace.webhook_secret)
+    return _read(session, job, workspace.webhook_secret)
 
 
 def list_examples(
@@ -269,6 +290,8 @@ def list_examples(
     rows = repository.list_examples(
         session, job, category.value if category else None, flagged, cursor, limit + 1
     )
+    page = rows[:limit]
+    reviews = reviews_repository.reviews_at(session, job.id, [e.position for _, e in page])
     items = [
         ExampleRead(
             position=example.position,
@@ -277,44 +300,112 @@ def list_examples(
             group=example.group,
             record=example.raw,
             audit=Audit.model_validate(verdict.audit),
+            review=_review_read(reviews.get(example.position)),
         )
-        for verdict, example in rows[:limit]
+        for verdict, example in page
     ]
     next_cursor = str(items[-1].position) if len(rows) > limit else None
     return ExamplePage(items=items, next_cursor=next_cursor)
 
 
+def _review_read(review: Review | None) -> ReviewRead | None:
+    return None if review is None else ReviewRead.model_validate(review)
+
+
+def get_example(
+    session: Session, workspace_id: uuid.UUID, job_id: uuid.UUID, position: int
+) -> ExampleRead:
+    """The audited example at `position`, with its review."""
+    page = list_examples(session, workspace_id, job_id, None, None, position - 1, 1)
+    if not page.items or page.items[0].position != position:
+        raise NotFound(f"job {job_id} has no audited example at position {position}")
+    return page.items[0]
+
+
 @dataclass(frozen=True)
 class Export:
-    """An export about to stream: the number of lines it writes, and its JSONL chunks."""
+    """An export about to be sent: how many records it holds, its bytes, and their name."""
 
     record_count: int
     chunks: Iterator[bytes]
+    media_type: str
+    filename: str
+    size: int | None = None
+    """Known for a file written before it is sent; JSONL streams as it is read."""
 
 
 def export_job(
-    session: Session, workspace_id: uuid.UUID, job_id: uuid.UUID, policy: ExportPolicy
+    session: Session,
+    workspace_id: uuid.UUID,
+    job_id: uuid.UUID,
+    policy: ExportPolicy,
+    export_format: ExportFormat = "jsonl",
+    unreviewed: Unreviewed | None = None,
 ) -> Export:
-    """The dataset as the policy writes it back, as JSONL chunks, in upload order.
+    """The dataset as the policy writes it back, in upload order, in the export format.
 
-    Checks the job and counts the lines now; reads the rows as the chunks are taken. Examples
-    without a verdict (a job cancelled part way) are written unchanged. A failure while the
-    chunks are taken is logged and raised again: the server then aborts the connection, so a
-    client never takes a short body for a whole one.
+    Examples without a verdict (a job cancelled part way) are written unchanged. `reviewed`
+    applies people's decisions, and writes flagged examples without one as `unreviewed` says.
+
+    JSONL streams: the lines are counted now and the rows read as the chunks are taken. A
+    failure while the chunks are taken is logged and raised again: the server then aborts the
+    connection, so a client never takes a short body for a whole one. Parquet and hf need every
+    record's fields before their first row: they are written whole, then sent (422 when no one
+    schema holds the records).
     """
     job = _get(session, workspace_id, job_id)
     if job.status not in EXPORTABLE:
         raise Conflict(f"job {job_id} is {job.status.value}: export needs it finished or cancelled")
+    if unreviewed is not None and policy != "reviewed":
+        raise InvalidFields([(["query", "unreviewed"], "goes with policy reviewed only")])
+    unreviewed = unreviewed or DEFAULT_UNREVIEWED
     idk_text = AuditConfig.model_validate(job.config).idk_text
     record_format = datasets_service.record_format(session, job.dataset_id)
-    record_count = repository.count_records(session, job, without_flagged=policy == "drop")
+    # Read once, before the count: the count and the records agree whatever is decided meanwhile.
+    decisions = reviews_repository.decisions(session, job.id) if policy == "reviewed" else {}
     records = (
-        export_record(raw, Audit.model_validate(audit), policy, idk_text, record_format)
+        export_record(
+            raw,
+            Audit.model_validate(audit),
+            policy,
+            idk_text,
+            record_format,
+            decisions.get(position),
+            unreviewed,
+        )
         if audit is not None
         else raw
-        for raw, audit in repository.iter_records(session, job)
+        for position, raw, audit in repository.iter_records(session, job)
     )
-    return Export(record_count, _jsonl(job_id, records))
+    filename = f"kma-{job_id}-{policy}{SUFFIXES[export_format]}"
+    if export_format == "jsonl":
+        return Export(
+            _record_count(session, job, policy, unreviewed, len(decisions)),
+            _jsonl(job_id, records),
+            MEDIA_TYPES["jsonl"],
+            filename,
+        )
+    from app.exports.files import write_export  # pyarrow: only where a file is written
+
+    try:
+        written = write_export((r for r in records if r is not None), export_format)
+    except UnwritableRecords as exc:
+        raise Unprocessable(
+            f"job {job_id} cannot be exported as {export_format}: {exc}; export it as jsonl"
+        ) from exc
+    return Export(
+        written.record_count, written.chunks(), MEDIA_TYPES[export_format], filename, written.size
+    )
+
+
+def _record_count(
+    session: Session, job: Job, policy: ExportPolicy, unreviewed: Unreviewed, decisions: int
+) -> int:
+    """The lines of an export: every example, less the flagged ones the policy drops (every
+    decision is on a flagged example, and keeps it)."""
+    if policy == "reviewed" and unreviewed == "drop":
+        return repository.count_records(session, job, without_flagged=True) + decisions
+    return repository.count_records(session, job, without_flagged=policy == "drop")
 
 
 def _jsonl(job_id: uuid.UUID, records: Iterator[dict[str, Any] | None]) -> Iterator[bytes]:
@@ -382,15 +473,22 @@ def build_report(session: Session, job: Job) -> Report:
 
 
 def _report(session: Session, job: Job) -> Report:
-    """A succeeded job's stored report; a cancelled or failed job's, built now (partial)."""
+    """A succeeded job's stored report; a cancelled or failed job's, built now (partial); with
+    its review counts as they stand."""
     if not job.status.finished:
         raise Conflict(f"job {job.id} is {job.status.value}: the report is written when it ends")
+    report = _stored_report(job) or build_report(session, job)
+    decisions = reviews_repository.decision_counts(session, [job.id]).get(job.id, {})
+    return report.model_copy(update={"reviews": ReviewCounts.of(report.flagged, decisions)})
+
+
+def _stored_report(job: Job) -> Report | None:
     if job.status == JobStatus.SUCCEEDED and job.report is not None:
         try:
             return Report.model_validate(job.report)
         except ValidationError:
             pass  # stored before reports were typed: its verdicts give the same report
-    return build_report(session, job)
+    return None
 
 
 def get_report(session: Session, workspace_id: uuid.UUID, job_id: uuid.UUID) -> Report:
@@ -403,6 +501,7 @@ def get_report_page(session: Session, workspace: Workspace, job_id: uuid.UUID) -
     report = _report(session, job)
     dataset = datasets_service.get_dataset(session, workspace.id, job.dataset_id)
     rows = repository.list_examples(session, job, None, True, None, REPORT_PAGE_ROWS)
+    reviews = reviews_repository.reviews_at(session, job.id, [e.position for _, e in rows])
     conflicts = repository.list_examples(
         session, job, None, None, None, REPORT_PAGE_CONFLICTS, conflict=True
     )
@@ -412,7 +511,10 @@ def get_report_page(session: Session, workspace: Workspace, job_id: uuid.UUID) -
         dataset_name=dataset.name,
         finished_at=job.finished_at,
         report=report,
-        flagged_rows=[_flagged_row(dataset.format, verdict, example) for verdict, example in rows],
+        flagged_rows=[
+            _flagged_row(dataset.format, verdict, example, reviews.get(example.position))
+            for verdict, example in rows
+        ],
         conflict_rows=[
             _conflict(dataset.format, verdict, example) for verdict, example in conflicts
         ],
@@ -433,11 +535,12 @@ def get_report_page_by_link(session: Session, job_id: uuid.UUID, access: str) ->
 
 
 def _flagged_row(
-    record_format: str, verdict: Verdict, example: ExampleRow
+    record_format: str, verdict: Verdict, example: ExampleRow, review: Review | None
 ) -> report_page.FlaggedRow:
     teacher = parse_record(record_format, example.raw, example.line)
     audit = Audit.model_validate(verdict.audit)
     return report_page.FlaggedRow(
+        position=example.position,
         id=example.record_id,
         group=example.group,
         question=teacher.question,
@@ -447,4 +550,5 @@ def _flagged_row(
         category=audit.category.value,
         suggested_action=audit.suggested_action.value,
         suggested_answer=audit.suggested_answer,
+        review=_review_read(review),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from dataclasses import dataclass
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
@@ -52,10 +53,19 @@ this time; one revoked in the process itself, at once."""
 KEY_CACHE_SIZE = 10_000
 
 
-class KeyCache:
-    """The keys found active in the last `seconds`, by hash, with their workspace.
+@dataclass(frozen=True)
+class Caller:
+    """Who a request acts for: a workspace, and the key it came with (none when anonymous)."""
 
-    A copy of the workspace that belongs to no session, so that requests on any thread may
+    workspace: Workspace
+    key_id: uuid.UUID | None = None
+    key_name: str | None = None
+
+
+class KeyCache:
+    """The keys found active in the last `seconds`, by hash, with who they stand for.
+
+    The workspace is a copy that belongs to no session, so that requests on any thread may
     share it. Unknown keys are not kept: a new key works at once. Safe across threads: each
     step is one operation on a dict or a set, atomic in CPython.
     """
@@ -63,31 +73,33 @@ class KeyCache:
     def __init__(self, seconds: float, size: int) -> None:
         self.seconds = seconds
         self.size = size
-        self._found: dict[bytes, tuple[float, uuid.UUID, Workspace]] = {}
+        self._found: dict[bytes, tuple[float, Caller]] = {}
         self._revoked: set[bytes] = set()
 
-    def get(self, key_hash: bytes) -> tuple[uuid.UUID, Workspace] | None:
+    def get(self, key_hash: bytes) -> Caller | None:
         found = self._found.get(key_hash)
         if found is None:
             return None
-        expires_at, key_id, workspace = found
+        expires_at, caller = found
         if expires_at < time.monotonic():
             self._found.pop(key_hash, None)
             return None
-        return key_id, workspace
+        return caller
 
-    def put(self, key_hash: bytes, key_id: uuid.UUID, workspace: Workspace) -> None:
-        if key_hash in self._revoked:
-            return  # a lookup that began before the revocation committed
-        if len(self._found) >= self.size:
-            self._found.clear()
+    def put(self, key_hash: bytes, key: ApiKey, workspace: Workspace) -> Caller:
         snapshot = Workspace(
             id=workspace.id,
             name=workspace.name,
             webhook_secret=workspace.webhook_secret,
             created_at=workspace.created_at,
         )
-        self._found[key_hash] = (time.monotonic() + self.seconds, key_id, snapshot)
+        caller = Caller(snapshot, key.id, key.name)
+        if key_hash in self._revoked:
+            return caller  # a lookup that began before the revocation committed: not kept
+        if len(self._found) >= self.size:
+            self._found.clear()
+        self._found[key_hash] = (time.monotonic() + self.seconds, caller)
+        return caller
 
     def revoke(self, key_hash: bytes) -> None:
         """Never trust the key again without asking the database (revoked keys stay revoked)."""
@@ -98,8 +110,8 @@ class KeyCache:
 active_keys = KeyCache(KEY_CACHE_SECONDS, KEY_CACHE_SIZE)
 
 
-def authenticate(session: Session, secret: str) -> tuple[uuid.UUID, Workspace] | None:
-    """An active key's id and its workspace; None for an unknown or revoked key.
+def authenticate(session: Session, secret: str) -> Caller | None:
+    """An active key and its workspace; None for an unknown or revoked key.
 
     Looked up in the database at most every `KEY_CACHE_SECONDS` per key and process.
     """
@@ -110,9 +122,7 @@ def authenticate(session: Session, secret: str) -> tuple[uuid.UUID, Workspace] |
     found = repository.find_active_key(session, key_hash)
     if found is None:
         return None
-    key, workspace = found
-    active_keys.put(key_hash, key.id, workspace)
-    return key.id, workspace
+    return active_keys.put(key_hash, *found)
 
 
 def anonymous_workspace(session: Session) -> Workspace:

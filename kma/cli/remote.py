@@ -1,10 +1,12 @@
-"""`kma submit`, `kma status`, `kma download`: the command line of a running kma server.
+"""`kma submit`, `kma status`, `kma review`, `kma download`: the command line of a running kma
+server.
 
 Exit codes a pipeline can rely on:
-  0  done: submitted, or (with --wait) the job succeeded; the file downloaded
+  0  done: submitted, or (with --wait) the job succeeded; the decisions stored; the file
+     downloaded
   1  the job failed
-  2  the input was refused (invalid dataset or options, a student not registered on the
-     server), or a usage error
+  2  the input was refused (invalid dataset, options or decisions, a student not registered on
+     the server), or a usage error
   3  the job was cancelled
   4  the server could not be reached, or answered an error (e.g. no such job), or a download
      arrived incomplete (connection broken, fewer records than announced): no file is written
@@ -21,6 +23,9 @@ from typing import Any
 
 import httpx
 
+from app.audit.domain import EXPORT_POLICIES
+from app.exports.domain import EXPORT_FORMATS
+from app.reviews.domain import UNREVIEWED
 from kma.cli.common import (
     EXIT_CANCELLED,
     EXIT_FAILED,
@@ -108,10 +113,83 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     client = Client(args.server)
-    out = Path(args.output or f"{args.job_id}.{args.policy}.jsonl")
-    lines = client.download(args.job_id, out, policy=args.policy)
-    print(f"wrote {lines} records to {out}", file=sys.stderr)
+    out = Path(args.output or f"{args.job_id}.{args.policy}{DOWNLOAD_SUFFIXES[args.format]}")
+    records = client.download(
+        args.job_id, out, policy=args.policy, format=args.format, unreviewed=args.unreviewed
+    )
+    print(f"wrote {records} records to {out}", file=sys.stderr)
     return EXIT_OK
+
+
+DOWNLOAD_SUFFIXES = {"jsonl": ".jsonl", "parquet": ".parquet", "hf": ".hf"}
+"""What `kma download` names its output by default; `hf` is a folder."""
+
+
+class UsageError(ValueError):
+    """Arguments that do not fit together."""
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    client = Client(args.server)
+    decision = "override" if args.answer is not None else args.decision
+    if args.from_file is not None:
+        if args.position is not None or decision is not None:
+            raise UsageError("give a POSITION and a decision, or --from FILE, not both")
+        items, lines = read_decisions(args.from_file)
+        try:
+            result = client.review_many(args.job_id, items)
+        except KmaError as exc:
+            raise KmaError(exc.status, by_line(exc.detail, lines)) from exc
+        reviews = result["reviews"]
+        print(
+            f"stored {result['updated']} decisions; {reviews['reviewed']} flagged examples "
+            f"reviewed, {reviews['unreviewed']} to go",
+            file=sys.stderr,
+        )
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    if args.position is None or decision is None:
+        raise UsageError("give a POSITION and one of --accept, --reject, --override ANSWER")
+    example = client.review(
+        args.job_id, args.position, decision, answer=args.answer, note=args.note
+    )
+    print(json.dumps(example, indent=2))
+    return EXIT_OK
+
+
+def read_decisions(path: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """The decisions of a JSONL file (`-`: standard input), one object a line, and the line
+    each came from."""
+    text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    items, lines = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}, line {number}: not valid JSON: {exc.msg}") from None
+        if not isinstance(item, dict):
+            raise UsageError(f"{path}, line {number}: must be a JSON object")
+        items.append(item)
+        lines.append(number)
+    if not items:
+        raise UsageError(f"{path} holds no decisions")
+    return items, lines
+
+
+def by_line(detail: Any, lines: list[int]) -> Any:
+    """The server's errors on `items[i]` said of the file's lines instead."""
+    if not isinstance(detail, list):
+        return detail
+    said = []
+    for error in detail:
+        loc = list(error.get("loc", []))
+        if loc[:2] == ["body", "items"] and len(loc) > 2 and isinstance(loc[2], int):
+            field = ".".join(str(step) for step in loc[3:])
+            loc = [f"line {lines[loc[2]]}" + (f", field '{field}'" if field else "")]
+        said.append({**error, "loc": loc})
+    return said
 
 
 def run(command: Any, args: argparse.Namespace) -> int:
@@ -175,9 +253,47 @@ def add_remote_commands(commands: Any) -> None:
     status.add_argument("job_id")
     status.add_argument("--wait", action="store_true", help="follow the job to its end first")
 
+    review = add("review", cmd_review, "accept, reject or override flagged examples' relabels")
+    review.add_argument("job_id")
+    review.add_argument("position", nargs="?", type=int, help="the example's, 0-based")
+    decision = review.add_mutually_exclusive_group()
+    decision.add_argument(
+        "--accept", dest="decision", action="store_const", const="accept", help="the relabel"
+    )
+    decision.add_argument(
+        "--reject",
+        dest="decision",
+        action="store_const",
+        const="reject",
+        help="the teacher's answer stays",
+    )
+    decision.add_argument("--override", dest="answer", metavar="ANSWER", help="this answer")
+    review.add_argument("--note", help="why, for the next person to read")
+    review.add_argument(
+        "--from",
+        dest="from_file",
+        metavar="FILE",
+        help='decisions, one JSON object a line: {"position": 3, "decision": "accept" | '
+        '"reject" | "override", "answer": "..." (override only), "note": "..."}; all stored or '
+        "none; - reads standard input",
+    )
+    review.set_defaults(decision=None)
+
     download = add("download", cmd_download, "download a job's dataset")
     download.add_argument("job_id")
+    download.add_argument("--policy", default="suggested", choices=EXPORT_POLICIES)
     download.add_argument(
-        "--policy", default="suggested", help="suggested, drop, idk, student or annotate"
+        "--unreviewed",
+        choices=UNREVIEWED,
+        help="with --policy reviewed: a flagged example no one decided on is written with its "
+        "suggestion (the server's default), dropped, or kept as the teacher wrote it",
     )
-    download.add_argument("-o", "--output", help="file (default: JOB_ID.POLICY.jsonl)")
+    download.add_argument(
+        "--format",
+        default="jsonl",
+        choices=EXPORT_FORMATS,
+        help="jsonl, parquet, or hf: a folder datasets.load_from_disk opens",
+    )
+    download.add_argument(
+        "-o", "--output", help="file, or folder for hf (default: JOB_ID.POLICY.jsonl|parquet|hf)"
+    )
