@@ -63,6 +63,14 @@ class InvalidField(Unprocessable):
         return {"detail": [{"type": "value_error", "loc": self.loc, "msg": self.detail}]}
 
 
+class InvalidQuery(InvalidField):
+    """A query parameter refused by a check its type cannot make, in the same shape."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        super().__init__([name], detail)
+        self.loc = ["query", name]
+
+
 class ServiceUnavailable(HTTPError):
     status_code = 503
 

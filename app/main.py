@@ -20,10 +20,12 @@ from sqlalchemy import text
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.comparisons.router import router as comparisons_router
 from app.datasets.domain import DatasetError
 from app.datasets.router import router as datasets_router
 from app.deps import SessionDep, SettingsDep
 from app.errors import ErrorRead, HTTPError
+from app.estimates.router import router as estimates_router
 from app.jobs.router import router as jobs_router
 from app.logs import job_logging
 from app.metrics import router as metrics_router
@@ -140,6 +142,8 @@ def create_app() -> FastAPI:
         openapi_tags=[
             {"name": "datasets", "description": "Teacher datasets, uploaded as JSONL."},
             {"name": "jobs", "description": "Audits of a dataset against a student model."},
+            {"name": "estimates", "description": "What a job would take, before submitting it."},
+            {"name": "comparisons", "description": "Students audited on one dataset, compared."},
             {"name": "students", "description": "The student models jobs may name."},
             {"name": "workspace", "description": "The workspace of the request's API key."},
             {"name": "health", "description": "Liveness, readiness and metrics; no key needed."},
@@ -159,6 +163,8 @@ def create_app() -> FastAPI:
     app.add_exception_handler(DatasetError, invalid_dataset)
     app.include_router(datasets_router, prefix="/v1")
     app.include_router(jobs_router, prefix="/v1")
+    app.include_router(estimates_router, prefix="/v1")
+    app.include_router(comparisons_router, prefix="/v1")
     app.include_router(workspace_router, prefix="/v1")
     app.include_router(students_router, prefix="/v1")
     app.include_router(health)

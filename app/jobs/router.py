@@ -14,6 +14,7 @@ from app.audit.domain import ExportPolicy
 from app.audit.schemas import Category, Report
 from app.deps import QueueDep, SessionDep, SettingsDep, WorkspaceDep, bearer, current_workspace
 from app.errors import AUTH, NOT_FOUND, ErrorRead, Responses
+from app.exports import RECORD_COUNT_HEADER
 from app.jobs import service
 from app.jobs.schemas import ConflictPage, ExamplePage, JobCreate, JobPage, JobRead
 from app.models import JobStatus
@@ -22,8 +23,6 @@ from app.queue import SEND_WEBHOOK, WORK, Queue, QueueUnavailable
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=AUTH)
-
-RECORD_COUNT_HEADER = "X-Kma-Record-Count"
 
 Limit = Annotated[int, Query(ge=1, le=200, description="Items per page.")]
 POSITION_MAX = 2**31 - 1
@@ -187,14 +186,7 @@ def export_job(
     announces the number of lines.
     """
     export = service.export_job(session, workspace.id, job_id, policy)
-    return StreamingResponse(
-        export.chunks,
-        media_type="application/x-ndjson",
-        headers={
-            RECORD_COUNT_HEADER: str(export.record_count),
-            "Content-Disposition": f'attachment; filename="kma-{job_id}-{policy}.jsonl"',
-        },
-    )
+    return export.response(f"kma-{job_id}-{policy}.jsonl")
 
 
 @router.get(

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -26,6 +25,7 @@ from app.audit.schemas import Audit, AuditConfig, Category, ConflictRead, Report
 from app.datasets import service as datasets_service
 from app.datasets.domain import parse_record
 from app.errors import Conflict, InvalidField, NotFound, Unprocessable
+from app.exports import Export, jsonl_chunks
 from app.jobs import lifecycle, report_page, repository
 from app.jobs.schemas import (
     ConflictPage,
@@ -38,18 +38,17 @@ from app.jobs.schemas import (
     JobRead,
     Progress,
 )
+from app.models import Dataset, Job, JobStatus, Verdict, Workspace, utcnow
 from app.models import Example as ExampleRow
-from app.models import Job, JobStatus, Verdict, Workspace, utcnow
 from app.settings import Settings
 from app.students import service as students_service
-from app.students.schemas import Student
+from app.students.schemas import RegisteredStudent, Student
 from app.webhooks import WebhookRefused, check_url
 from app.workspaces.domain import page_link_opens, page_link_token
 
 log = logging.getLogger(__name__)
 
 EXPORTABLE = (JobStatus.SUCCEEDED, JobStatus.CANCELLED)
-EXPORT_CHUNK_BYTES = 1 << 16
 REPORT_PAGE_ROWS = 5000
 """Flagged examples the report page lists; the rest are a link away."""
 REPORT_PAGE_CONFLICTS = 1000
@@ -145,14 +144,7 @@ def create_job(
     limit, or its webhook does not go to a public address. A submission retried with the same
     `idempotency_key` gives the job the first one made.
     """
-    student = students_service.find_student(settings.students, job_create.student)
-    if job_create.webhook_url is not None:  # a DNS lookup: before any query opens a transaction
-        try:
-            check_url(str(job_create.webhook_url), settings.webhook_allow_networks)
-        except WebhookRefused as exc:
-            raise InvalidField(["webhook_url"], f"webhook_url {exc}") from exc
-    dataset = datasets_service.get_dataset(session, workspace_id, job_create.dataset_id)
-    _check_generations(job_create.config, dataset.num_examples, settings.max_generations_per_job)
+    student, dataset = check_submission(session, workspace_id, job_create, settings)
     job = Job(
         workspace_id=workspace_id,
         dataset_id=dataset.id,
@@ -183,6 +175,22 @@ def create_job(
     session.add(job)
     session.flush()
     return _read(session, job), True
+
+
+def check_submission(
+    session: Session, workspace_id: uuid.UUID, job_create: JobCreate, settings: Settings
+) -> tuple[RegisteredStudent, Dataset]:
+    """Every check a submission passes before a job is stored, and the student and dataset it
+    names: a job's estimate makes the same ones, so it is refused exactly when the job would be."""
+    student = students_service.find_student(settings.students, job_create.student)
+    if job_create.webhook_url is not None:  # a DNS lookup: before any query opens a transaction
+        try:
+            check_url(str(job_create.webhook_url), settings.webhook_allow_networks)
+        except WebhookRefused as exc:
+            raise InvalidField(["webhook_url"], f"webhook_url {exc}") from exc
+    dataset = datasets_service.get_dataset(session, workspace_id, job_create.dataset_id)
+    _check_generations(job_create.config, dataset.num_examples, settings.max_generations_per_job)
+    return student, dataset
 
 
 def _check_generations(config: AuditConfig, examples: int, limit: int) -> None:
@@ -289,14 +297,6 @@ def list_examples(
     return ExamplePage(items=items, next_cursor=next_cursor)
 
 
-@dataclass(frozen=True)
-class Export:
-    """An export about to stream: the number of lines it writes, and its JSONL chunks."""
-
-    record_count: int
-    chunks: Iterator[bytes]
-
-
 def export_job(
     session: Session, workspace_id: uuid.UUID, job_id: uuid.UUID, policy: ExportPolicy
 ) -> Export:
@@ -319,28 +319,7 @@ def export_job(
         else raw
         for raw, audit in repository.iter_records(session, job)
     )
-    return Export(record_count, _jsonl(job_id, records))
-
-
-def _jsonl(job_id: uuid.UUID, records: Iterator[dict[str, Any] | None]) -> Iterator[bytes]:
-    buffer: list[str] = []
-    size = written = 0
-    try:
-        for record in records:
-            if record is None:
-                continue
-            line = json.dumps(record, ensure_ascii=False) + "\n"
-            buffer.append(line)
-            size += len(line)
-            written += 1
-            if size >= EXPORT_CHUNK_BYTES:
-                yield "".join(buffer).encode()
-                buffer, size = [], 0
-        if buffer:
-            yield "".join(buffer).encode()
-    except Exception:
-        log.exception("job %s: the export failed after %d records; aborting it", job_id, written)
-        raise
+    return Export(record_count, jsonl_chunks(f"job {job_id}", records))
 
 
 def list_conflicts(

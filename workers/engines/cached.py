@@ -28,6 +28,18 @@ def cache_key(namespace: str, model_id: str, request: GenerationRequest) -> byte
     return hashlib.sha256(payload.encode()).digest()
 
 
+def lookup(
+    store: GenerationStore, namespace: str, model_id: str, requests: Sequence[GenerationRequest]
+) -> tuple[list[bytes], dict[bytes, list[str]]]:
+    """The requests' cache keys, in order, and the completions the cache holds under them.
+
+    Where requests meet the cache: the engine wrapper answers from it, and a job's estimate
+    counts what the job would find in it.
+    """
+    keys = [cache_key(namespace, model_id, r) for r in requests]
+    return keys, dict(store.get_many(list(set(keys))))
+
+
 class CachedEngine:
     """`namespace` keeps caches apart: the service gives each workspace its own, so that what
     one workspace's jobs generated never shows (as answers or as cache hits) in another's."""
@@ -44,8 +56,7 @@ class CachedEngine:
         self.engine.close()
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        keys = [cache_key(self.namespace, self.model_id, r) for r in requests]
-        found = dict(self.store.get_many(list(set(keys))))
+        keys, found = lookup(self.store, self.namespace, self.model_id, requests)
         missing = {k: r for k, r in zip(keys, requests, strict=True) if k not in found}
         if missing:
             results = self.engine.generate(list(missing.values()))
