@@ -13,13 +13,16 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
 
 from app.audit.schemas import Report
+from app.comparisons.schemas import Comparison
+from app.estimates.schemas import Estimate
 from app.settings import get_settings
 from app.workspaces.domain import KEY_FILE
 
@@ -39,13 +42,14 @@ class KmaError(RuntimeError):
 
 class IncompleteExport(KmaError):
     """An export that did not arrive whole: fewer (or more) lines than the server announced,
-    the connection broken part way, or no count announced at all."""
+    the connection broken part way, or no count announced at all. `what` names the export:
+    "job ID", "the comparison of jobs ID, ID"."""
 
-    def __init__(self, job_id: str, expected: int | None, received: int, reason: str) -> None:
-        message = f"the export of job {job_id} is incomplete: {reason}; no file was written"
+    def __init__(self, what: str, expected: int | None, received: int, reason: str) -> None:
+        message = f"the export of {what} is incomplete: {reason}; no file was written"
         super().__init__(502, message)  # a bad answer from the server, as a gateway would say
         self.args = (message,)
-        self.job_id = job_id
+        self.what = what
         self.expected = expected
         self.received = received
 
@@ -99,6 +103,12 @@ class Client:
         result: dict[str, Any] = self._json(response)
         return result
 
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Delete the dataset and everything made of it."""
+        response = self.http.delete(f"/v1/datasets/{dataset_id}")
+        if response.is_error:
+            self._json(response)
+
     def create_job(
         self,
         dataset_id: str,
@@ -106,13 +116,25 @@ class Client:
         config: dict[str, Any] | None = None,
         webhook_url: str | None = None,
     ) -> dict[str, Any]:
-        body: dict[str, Any] = {"dataset_id": dataset_id, "student": student}
-        if config:
-            body["config"] = config
-        if webhook_url:
-            body["webhook_url"] = webhook_url
+        body = _submission(dataset_id, student, config, webhook_url)
         result: dict[str, Any] = self._json(self.http.post("/v1/jobs", json=body))
         return result
+
+    def estimate(
+        self,
+        dataset_id: str,
+        student: str,
+        config: dict[str, Any] | None = None,
+        webhook_url: str | None = None,
+    ) -> Estimate:
+        """What `create_job` with these arguments would take; nothing is stored or run."""
+        body = _submission(dataset_id, student, config, webhook_url)
+        return Estimate.model_validate(self._json(self.http.post("/v1/estimates", json=body)))
+
+    def compare(self, job_ids: Sequence[str]) -> Comparison:
+        """Succeeded jobs of different students on one dataset: their transition tables."""
+        response = self.http.get("/v1/comparisons", params={"jobs": ",".join(job_ids)})
+        return Comparison.model_validate(self._json(response))
 
     def students(self) -> list[dict[str, Any]]:
         """The registered students a job may name: name, engine, model, revision."""
@@ -162,32 +184,57 @@ class Client:
         `dest` is left as it was, and this raises `IncompleteExport` (or `KmaError` when the
         server answered an error).
         """
-        dest = Path(dest)
+        export = Download(f"/v1/jobs/{job_id}/export", {"policy": policy}, f"job {job_id}")
+        return self._download(export, Path(dest))
+
+    def download_comparison(
+        self,
+        job_ids: Sequence[str],
+        dest: str | Path,
+        *,
+        known_by: Sequence[str] = (),
+        unknown_by: Sequence[str] = (),
+        categories: Sequence[str] = (),
+        disagree: bool = False,
+    ) -> int:
+        """Stream the examples of a comparison the filters keep (e.g. `known_by=[A]`,
+        `unknown_by=[B]`) to `dest`, each record as uploaded; whole, as `download` writes, or
+        not at all. `categories` are `JOB:CATEGORY[,CATEGORY...]`."""
+        params: dict[str, Any] = {
+            "jobs": ",".join(job_ids),
+            "known_by": list(known_by),
+            "unknown_by": list(unknown_by),
+            "category": list(categories),
+        }
+        if disagree:
+            params["disagree"] = "true"
+        what = f"the comparison of jobs {', '.join(job_ids)}"
+        return self._download(Download("/v1/comparisons/export", params, what), Path(dest))
+
+    def _download(self, export: Download, dest: Path) -> int:
         # A name of its own, made like any file (umask permissions, unlike mkstemp's 0600).
         temporary = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
         try:
             with temporary.open("xb") as out:
-                lines = self._stream_export(job_id, policy, out)
+                lines = self._stream_export(export, out)
             os.replace(temporary, dest)
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
         return lines
 
-    def _stream_export(self, job_id: str, policy: str, out: IO[bytes]) -> int:
+    def _stream_export(self, export: Download, out: IO[bytes]) -> int:
         lines = 0
         expected: int | None = None
         try:
-            with self.http.stream(
-                "GET", f"/v1/jobs/{job_id}/export", params={"policy": policy}
-            ) as r:
+            with self.http.stream("GET", export.path, params=export.params) as r:
                 if r.is_error:
                     r.read()
                     self._json(r)
                 announced = r.headers.get(RECORD_COUNT_HEADER)
                 if announced is None or not announced.isdigit():
                     raise IncompleteExport(
-                        job_id,
+                        export.what,
                         None,
                         0,
                         f"the server announced no {RECORD_COUNT_HEADER} (is it too old?)",
@@ -200,13 +247,34 @@ class Client:
             if expected is None:
                 raise
             raise IncompleteExport(
-                job_id,
+                export.what,
                 expected,
                 lines,
                 f"the connection broke after {lines} of {expected} records ({exc})",
             ) from exc
         if lines != expected:
             raise IncompleteExport(
-                job_id, expected, lines, f"received {lines} records, {expected} announced"
+                export.what, expected, lines, f"received {lines} records, {expected} announced"
             )
         return lines
+
+
+@dataclass(frozen=True)
+class Download:
+    """An export to fetch: its path and query, and how errors name it."""
+
+    path: str
+    params: dict[str, Any]
+    what: str
+
+
+def _submission(
+    dataset_id: str, student: str, config: dict[str, Any] | None, webhook_url: str | None
+) -> dict[str, Any]:
+    """The body of a job's submission, as `POST /v1/jobs` and `POST /v1/estimates` take it."""
+    body: dict[str, Any] = {"dataset_id": dataset_id, "student": student}
+    if config:
+        body["config"] = config
+    if webhook_url:
+        body["webhook_url"] = webhook_url
+    return body

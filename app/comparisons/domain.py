@@ -3,6 +3,7 @@ keeps, a transition table from its cells."""
 
 from __future__ import annotations
 
+import string
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -13,6 +14,11 @@ from app.comparisons.schemas import KnownCounts, Transition
 KNOWN = frozenset({Category.HIGHLY_KNOWN, Category.MAYBE_KNOWN, Category.WEAKLY_KNOWN})
 """A student knows an example when any of its answers is correct: every category but Unknown."""
 UNKNOWN = frozenset({Category.UNKNOWN})
+
+
+def label(index: int) -> str:
+    """A, B, C, ... for the jobs compared, in the order they were named."""
+    return string.ascii_uppercase[index]
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,12 @@ table shaded by count, and the examples they disagree on, every dataset string e
 
 from __future__ import annotations
 
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from app.audit.schemas import Category
+from app.comparisons.domain import label
 from app.comparisons.schemas import ComparedExample, Comparison, Transition
 from app.pages import environment, share
 
@@ -32,11 +32,6 @@ class Table:
     transition: Transition
     shades: dict[Category, dict[Category, float]]
     """Per cell, 0 to 1: its count relative to the table's largest."""
-
-
-def label(index: int) -> str:
-    """A, B, C, ... for the jobs, in the order they were asked for."""
-    return string.ascii_uppercase[index]
 
 
 def tables(comparison: Comparison) -> list[Table]:

@@ -21,12 +21,16 @@ from typing import Any
 
 import httpx
 
+from app.comparisons.domain import label
 from kma.cli.common import (
     EXIT_CANCELLED,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_SERVER,
+    EXIT_USAGE,
+    format_comparison,
+    format_estimate,
     parse_options,
 )
 from kma.client import Client, IncompleteExport, KmaError
@@ -81,14 +85,25 @@ def finished(job: dict[str, Any]) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     client = Client(args.server)
+    config = parse_options(args.config)
     dataset = client.upload_dataset(args.file, format=args.format, name=args.name)
     print(
         f"uploaded {dataset['num_examples']} examples ({dataset['format']}) "
         f"as dataset {dataset['id']}",
         file=sys.stderr,
     )
+    if args.dry_run:
+        try:
+            estimate = client.estimate(
+                dataset["id"], args.student, config=config, webhook_url=args.webhook_url
+            )
+        finally:
+            client.delete_dataset(dataset["id"])
+        print("dry run: nothing was submitted, and the upload is deleted", file=sys.stderr)
+        print(format_estimate(estimate))
+        return EXIT_OK
     job = client.create_job(
-        dataset["id"], args.student, config=parse_options(args.config), webhook_url=args.webhook_url
+        dataset["id"], args.student, config=config, webhook_url=args.webhook_url
     )
     print(job["id"])  # stdout: for JOB=$(kma submit ...)
     sys.stdout.flush()
@@ -111,6 +126,40 @@ def cmd_download(args: argparse.Namespace) -> int:
     out = Path(args.output or f"{args.job_id}.{args.policy}.jsonl")
     lines = client.download(args.job_id, out, policy=args.policy)
     print(f"wrote {lines} records to {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    client = Client(args.server)
+    job_ids: list[str] = args.job_ids
+    letters = {label(i): job_id for i, job_id in enumerate(job_ids)}
+
+    def job(named: str) -> str:
+        """A job of the comparison, by its id or its letter (A for the first, ...)."""
+        return letters.get(named.upper(), named)
+
+    known_by = [job(named) for named in args.known_by]
+    unknown_by = [job(named) for named in args.unknown_by]
+    categories = []
+    for value in args.category:
+        named, _, names = value.partition(":")
+        categories.append(f"{job(named)}:{names}")
+    if (known_by or unknown_by or categories or args.disagree) and not args.output:
+        print("kma compare: the filters choose what --output writes; name it", file=sys.stderr)
+        return EXIT_USAGE
+    comparison = client.compare(job_ids)
+    print(format_comparison(comparison))
+    print(f"\npage: {args.server.rstrip('/')}{comparison.links.report_html}")
+    if args.output:
+        lines = client.download_comparison(
+            job_ids,
+            args.output,
+            known_by=known_by,
+            unknown_by=unknown_by,
+            categories=categories,
+            disagree=args.disagree,
+        )
+        print(f"wrote {lines} records to {args.output}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -169,7 +218,14 @@ def add_remote_commands(commands: Any) -> None:
     submit.add_argument("--name", help="dataset name (default: the file name)")
     submit.add_argument("--config", action="append", default=[], metavar="KEY=VALUE")
     submit.add_argument("--webhook-url", help="POSTed the job's JSON when it ends")
-    submit.add_argument("--wait", action="store_true", help="follow the job to its end")
+    follow_or_estimate = submit.add_mutually_exclusive_group()
+    follow_or_estimate.add_argument("--wait", action="store_true", help="follow the job to its end")
+    follow_or_estimate.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what the job would take (generations, cache hits, time) and submit "
+        "nothing; the upload is deleted",
+    )
 
     status = add("status", cmd_status, "a job's state as JSON")
     status.add_argument("job_id")
@@ -181,3 +237,27 @@ def add_remote_commands(commands: Any) -> None:
         "--policy", default="suggested", help="suggested, drop, idk, student or annotate"
     )
     download.add_argument("-o", "--output", help="file (default: JOB_ID.POLICY.jsonl)")
+
+    compare = add(
+        "compare", cmd_compare, "compare succeeded jobs of different students on one dataset"
+    )
+    compare.add_argument("job_ids", nargs="+", metavar="JOB", help="2 to 10 job ids")
+    compare.add_argument(
+        "-o", "--output", help="write the examples the filters keep here, as JSONL"
+    )
+    job_help = "a job id, or its letter (A: the first named, B: the second, ...)"
+    compare.add_argument(
+        "--known-by", action="append", default=[], metavar="JOB",
+        help=f"only examples this job knows (any category but Unknown); {job_help}",
+    )  # fmt: skip
+    compare.add_argument(
+        "--unknown-by", action="append", default=[], metavar="JOB",
+        help=f"only examples this job does not know (Unknown); {job_help}",
+    )  # fmt: skip
+    compare.add_argument(
+        "--category", action="append", default=[], metavar="JOB:CATEGORY[,CATEGORY]",
+        help="only examples this job put in one of these categories",
+    )  # fmt: skip
+    compare.add_argument(
+        "--disagree", action="store_true", help="only examples some students know, others not"
+    )
