@@ -100,9 +100,12 @@ def format_estimate(estimate: Estimate) -> str:
     if estimate.rate is None or estimate.seconds is None:
         rows.append("time: unknown (no job of this student has run in this workspace yet)")
     else:
+        chunks = estimate.rate.chunks
         rows.append(
             f"{'seconds':<14}{estimate.seconds.best:>12,.1f}{estimate.seconds.worst:>12,.1f}"
-            f"  at {estimate.rate.generations_per_second:,.1f} generations/s "
-            f"(the latest {estimate.rate.chunks} chunks of this student)"
+        )
+        rows.append(
+            f"at {estimate.rate.generations_per_second:,.1f} generations/s, measured on "
+            f"{chunks} recent chunk{'s' if chunks > 1 else ''} of this student"
         )
     return "\n".join(rows)
