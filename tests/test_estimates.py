@@ -17,7 +17,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit.domain import worst_case_generations
 from app.audit.schemas import AuditConfig, Report
-from app.estimates.domain import SampleStep, generations_per_prompt, sampling_steps
+from app.estimates import service as estimates_service
+from app.estimates.domain import (
+    SampleStep,
+    generations_per_prompt,
+    sample_positions,
+    sampling_steps,
+)
 from app.estimates.schemas import Bounds, Estimate
 from app.estimates.service import estimate_job
 from app.jobs import service as jobs_service
@@ -150,6 +156,30 @@ def test_the_estimate_bounds_the_job_and_counts_its_cache(
     )
 
 
+def test_a_large_dataset_is_looked_up_on_an_even_sample(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sampled every third example (0, 3, 6, 9: two known, two not), the counts scaled up are
+    the exact ones."""
+    workspace_id, dataset_id = numbers_dataset(sessions, 12)
+    config = AuditConfig(n_exemplar_sets=3, samples=8)
+    submission = JobCreate(dataset_id=dataset_id, student="fake", config=config)
+    report = run_job(sessions, workspace_id, submission)
+    exact = estimate(sessions, workspace_id, submission)
+    assert exact.cache_examples == 12
+    monkeypatch.setattr(estimates_service, "CACHE_SAMPLE", 4)
+    sampled = estimate(sessions, workspace_id, submission)
+    assert sampled.cache_examples == 4
+    assert sampled.cached == exact.cached == Bounds(best=36, worst=report.generations)
+
+
+def test_sample_positions_spread_evenly() -> None:
+    assert list(sample_positions(5, 10)) == [0, 1, 2, 3, 4]
+    assert list(sample_positions(12, 4)) == [0, 3, 6, 9]
+    spread = sample_positions(1_000_000, 10_000)
+    assert len(set(spread)) == 10_000 and spread[-1] == 999_900
+
+
 def test_another_workspace_finds_nothing_in_the_cache(sessions: sessionmaker[Session]) -> None:
     config = AuditConfig(mode="full", n_exemplar_sets=2, samples=2)
     workspace_id, dataset_id = numbers_dataset(sessions, 4)
@@ -206,6 +236,7 @@ def test_an_estimate_stores_and_queues_nothing(
         "prompts": 50,
         "generations": {"best": 50, "worst": 850},
         "cached": {"best": 0, "worst": 0},
+        "cache_examples": 5,
         "new": {"best": 50, "worst": 850},
         "rate": None,
         "seconds": None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from app.audit.domain import samples_to_draw
@@ -35,3 +36,10 @@ def sampling_steps(config: AuditConfig, *, correct: bool) -> list[SampleStep]:
 def generations_per_prompt(config: AuditConfig, *, correct: bool) -> int:
     """Completions one prompt takes: its greedy answer and the samples of its steps."""
     return 1 + sum(step.n for step in sampling_steps(config, correct=correct))
+
+
+def sample_positions(examples: int, most: int) -> Sequence[int]:
+    """Every position up to `most` examples; beyond, `most` of them spread evenly."""
+    if examples <= most:
+        return range(examples)
+    return [i * examples // most for i in range(most)]

@@ -1,17 +1,30 @@
-"""Estimate queries: the pace workers measured on a student."""
+"""Estimate queries: the examples whose requests are looked up, the pace workers measured on a
+student."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.models import Chunk, ChunkStatus, Job
+from app.models import Chunk, ChunkStatus, Example, Job
 from app.students.schemas import RegisteredStudent
 
 RATE_CHUNKS = 20
 """How many of the student's latest chunks its rate is measured on."""
+
+
+def examples_at(
+    session: Session, dataset_id: uuid.UUID, positions: Sequence[int]
+) -> Sequence[Example]:
+    """The dataset's examples at these positions, in position order."""
+    return session.scalars(
+        select(Example)
+        .where(Example.dataset_id == dataset_id, Example.position.in_(positions))
+        .order_by(Example.position)
+    ).all()
 
 
 def generation_rate(

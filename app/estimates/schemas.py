@@ -44,6 +44,11 @@ class Estimate(BaseModel):
         description="Of those, how many the generation cache holds already (the workspace's "
         "own, for this student model)."
     )
+    cache_examples: int = Field(
+        description="Examples whose requests were looked up in the cache: every one up to "
+        "10,000; beyond, 10,000 spread evenly over the dataset, and `cached` is scaled up from "
+        "them."
+    )
     new: Bounds = Field(description="What the student has to generate: generations - cached.")
     rate: Rate | None = Field(
         description="The pace the workers measured on this student model in this workspace's "

@@ -17,7 +17,7 @@ from app.audit.domain import build_prompts
 from app.audit.schemas import AuditConfig
 from app.datasets.domain import parse_record
 from app.estimates import repository
-from app.estimates.domain import generations_per_prompt, sampling_steps
+from app.estimates.domain import generations_per_prompt, sample_positions, sampling_steps
 from app.estimates.schemas import Bounds, Estimate, Rate, SecondsBounds
 from app.jobs import service as jobs_service
 from app.jobs.schemas import JobCreate
@@ -28,6 +28,9 @@ from workers.engines.base import GenerationRequest, SamplingOptions, model_id_of
 from workers.engines.cached import GenerationStore, lookup
 from workers.runner import greedy_options, sample_options
 
+CACHE_SAMPLE = 10_000
+"""The most examples whose requests are looked up in the cache: a larger dataset is sampled
+evenly and its counts scaled up, so an estimate answers in seconds at any size."""
 BATCH_EXAMPLES = 1000
 """Examples whose prompts are looked up in the cache at a time: memory stays flat."""
 
@@ -45,7 +48,10 @@ def estimate_job(
     )
     store = audit_repository.SqlGenerationStore(sessionmaker(bind=session.connection()))
     model_id = model_id_of(student.model, student.revision)
-    cached = _count_cached(session, store, str(workspace_id), model_id, dataset, config)
+    positions = sample_positions(dataset.num_examples, CACHE_SAMPLE)
+    found = _count_cached(session, store, str(workspace_id), model_id, dataset, config, positions)
+    scale = dataset.num_examples / len(positions) if positions else 0
+    cached = Bounds(best=round(found.best * scale), worst=round(found.worst * scale))
     new = Bounds(best=generations.best - cached.best, worst=generations.worst - cached.worst)
     made, engine_seconds, chunks = repository.generation_rate(session, workspace_id, student)
     rate = seconds = None
@@ -68,6 +74,7 @@ def estimate_job(
         prompts=prompts,
         generations=generations,
         cached=cached,
+        cache_examples=len(positions),
         new=new,
         rate=rate,
         seconds=seconds,
@@ -81,8 +88,10 @@ def _count_cached(
     model_id: str,
     dataset: Dataset,
     config: AuditConfig,
+    positions: Sequence[int],
 ) -> Bounds:
-    """Completions of the job's best and of its worst case that the cache holds.
+    """Completions of the job's best and of its worst case that the cache holds, for the
+    examples at `positions`.
 
     Builds each example's prompts and requests as the worker does (its exemplar sets drawn the
     same way), and looks them up batch by batch. The best case's sampling steps are among the
@@ -96,8 +105,9 @@ def _count_cached(
         for step in sampling_steps(config, correct=False)
     ]
     best = worst = 0
-    for start in range(0, dataset.num_examples, BATCH_EXAMPLES):
-        rows = audit_repository.iter_examples(session, dataset.id, start, start + BATCH_EXAMPLES)
+    for start in range(0, len(positions), BATCH_EXAMPLES):
+        batch = list(positions[start : start + BATCH_EXAMPLES])
+        rows = repository.examples_at(session, dataset.id, batch)
         prompts = [
             prompt
             for row in rows
