@@ -1,7 +1,9 @@
-"""`kma submit`, `kma status`, `kma download`: the command line of a running kma server.
+"""`kma submit`, `kma status`, `kma download`, `kma compare`: the command line of a running kma
+server.
 
 Exit codes a pipeline can rely on:
-  0  done: submitted, or (with --wait) the job succeeded; the file downloaded
+  0  done: submitted (or estimated, with --dry-run), or (with --wait) the job succeeded; the
+     file downloaded; the jobs compared
   1  the job failed
   2  the input was refused (invalid dataset or options, a student not registered on the
      server), or a usage error
