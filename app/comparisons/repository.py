@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
@@ -63,40 +64,44 @@ class Joined:
         return [verdict.category == Category.UNKNOWN.value for verdict in self.verdicts]
 
 
-def transition_cells(
-    session: Session, job_ids: Sequence[uuid.UUID]
-) -> dict[tuple[int, int], list[tuple[Category, Category, int]]]:
-    """Per pair of jobs (i < j, by index): (category of i, category of j, examples).
+@dataclass(frozen=True)
+class Counts:
+    cells: dict[tuple[int, int], list[tuple[Category, Category, int]]]
+    """Per pair of jobs (i < j, by index): (category of i, category of j, examples)."""
+    examples: int
+    known_by_all: int
+    known_by_none: int
 
-    One pass over the join, grouped by every pair at once (GROUPING SETS): a row's two
-    non-null categories say which pair it counts.
+
+def comparison_counts(session: Session, job_ids: Sequence[uuid.UUID]) -> Counts:
+    """Every pair's transition cells and the examples all, none of the jobs know.
+
+    One pass over the join, grouped by every pair at once and by nothing (GROUPING SETS): a
+    row's two non-null categories say which pair it counts; the row with none counts them all.
     """
     joined = Joined(job_ids)
     columns = [verdict.category for verdict in joined.verdicts]
     pairs = list(combinations(range(len(job_ids)), 2))
     rows = session.execute(
-        joined.select(*columns, func.count()).group_by(
-            func.grouping_sets(*(tuple_(columns[i], columns[j]) for i, j in pairs))
-        )
-    )
-    cells: dict[tuple[int, int], list[tuple[Category, Category, int]]] = {p: [] for p in pairs}
-    for *categories, count in rows:
-        i, j = (k for k, category in enumerate(categories) if category is not None)
-        cells[i, j].append((Category(categories[i]), Category(categories[j]), count))
-    return cells
-
-
-def agreement_counts(session: Session, job_ids: Sequence[uuid.UUID]) -> tuple[int, int, int]:
-    """(examples, known by every job, known by none)."""
-    joined = Joined(job_ids)
-    total, everyone, nobody = session.execute(
         joined.select(
+            *columns,
             func.count(),
             func.count().filter(and_(*joined.known())),
             func.count().filter(and_(*joined.unknown())),
+        ).group_by(
+            func.grouping_sets(*(tuple_(columns[i], columns[j]) for i, j in pairs), tuple_())
         )
-    ).one()
-    return total, everyone, nobody
+    )
+    cells: dict[tuple[int, int], list[tuple[Category, Category, int]]] = {p: [] for p in pairs}
+    totals = (0, 0, 0)
+    for *categories, count, everyone, nobody in rows:
+        named = [k for k, category in enumerate(categories) if category is not None]
+        if not named:
+            totals = (count, everyone, nobody)
+            continue
+        i, j = named
+        cells[i, j].append((Category(categories[i]), Category(categories[j]), count))
+    return Counts(cells, *totals)
 
 
 def list_examples(

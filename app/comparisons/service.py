@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
-from itertools import combinations
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -149,21 +148,21 @@ def get_comparison(
     session: Session, workspace_id: uuid.UUID, job_ids: Sequence[uuid.UUID]
 ) -> Comparison:
     """The jobs' categories, the transition table of every pair, how many examples all, none
-    or only some of the students know: each counted in the database, in one pass."""
+    or only some of the students know: all counted in the database, in one pass."""
     jobs = _jobs(session, workspace_id, job_ids)
     dataset = datasets_service.get_dataset(session, workspace_id, jobs[0].dataset_id)
-    cells = repository.transition_cells(session, job_ids)
-    total, everyone, nobody = repository.agreement_counts(session, job_ids)
+    counts = repository.comparison_counts(session, job_ids)
     return Comparison(
         dataset_id=dataset.id,
         num_examples=dataset.num_examples,
         jobs=[_compared(job) for job in jobs],
         agreement=Agreement(
-            known_by_all=everyone, known_by_none=nobody, disagree=total - everyone - nobody
+            known_by_all=counts.known_by_all,
+            known_by_none=counts.known_by_none,
+            disagree=counts.examples - counts.known_by_all - counts.known_by_none,
         ),
         transitions=[
-            transition(job_ids[i], job_ids[j], cells[i, j])
-            for i, j in combinations(range(len(job_ids)), 2)
+            transition(job_ids[i], job_ids[j], cells) for (i, j), cells in counts.cells.items()
         ],
         links=_links(session, workspace_id, job_ids),
     )
