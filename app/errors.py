@@ -73,6 +73,14 @@ class InvalidField(InvalidFields):
         super().__init__([([location, *field], detail)])
 
 
+class InvalidQuery(InvalidField):
+    """A query parameter refused by a check its type cannot make, in the same shape."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        super().__init__([name], detail)
+        self.loc = ["query", name]
+
+
 class ServiceUnavailable(HTTPError):
     status_code = 503
 

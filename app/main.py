@@ -21,10 +21,12 @@ from starlette.datastructures import Headers
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.comparisons.router import router as comparisons_router
 from app.datasets.domain import DatasetError
 from app.datasets.router import router as datasets_router
 from app.deps import UPLOAD_CALLER, SessionDep, SettingsDep, authorize_early, overridden
 from app.errors import UNAVAILABLE, HTTPError
+from app.estimates.router import router as estimates_router
 from app.jobs.router import router as jobs_router
 from app.logs import job_logging
 from app.metrics import router as metrics_router
@@ -162,6 +164,8 @@ def create_app() -> FastAPI:
                 "name": "reviews",
                 "description": "A person's decisions on flagged examples, before training.",
             },
+            {"name": "estimates", "description": "What a job would take, before submitting it."},
+            {"name": "comparisons", "description": "Students audited on one dataset, compared."},
             {"name": "students", "description": "The student models jobs may name."},
             {"name": "workspace", "description": "The workspace of the request's API key."},
             {"name": "health", "description": "Liveness, readiness and metrics; no key needed."},
@@ -177,6 +181,8 @@ def create_app() -> FastAPI:
     app.include_router(datasets_router, prefix="/v1")
     app.include_router(jobs_router, prefix="/v1")
     app.include_router(reviews_router, prefix="/v1")
+    app.include_router(estimates_router, prefix="/v1")
+    app.include_router(comparisons_router, prefix="/v1")
     app.include_router(workspace_router, prefix="/v1")
     app.include_router(students_router, prefix="/v1")
     app.include_router(health)

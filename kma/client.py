@@ -14,13 +14,15 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
 
 from app.audit.schemas import Report
+from app.comparisons.schemas import Comparison
+from app.estimates.schemas import Estimate
 from app.exports.domain import ExportFormat
 from app.settings import get_settings
 from app.workspaces.domain import KEY_FILE
@@ -44,13 +46,14 @@ class KmaError(RuntimeError):
 
 class IncompleteExport(KmaError):
     """An export that did not arrive whole: fewer (or more) lines than the server announced,
-    the connection broken part way, or no count announced at all."""
+    the connection broken part way, or no count announced at all. `what` names the export:
+    "job ID", "the comparison of jobs ID, ID"."""
 
-    def __init__(self, job_id: str, expected: int | None, received: int, reason: str) -> None:
-        message = f"the export of job {job_id} is incomplete: {reason}; no file was written"
+    def __init__(self, what: str, expected: int | None, received: int, reason: str) -> None:
+        message = f"the export of {what} is incomplete: {reason}; no file was written"
         super().__init__(502, message)  # a bad answer from the server, as a gateway would say
         self.args = (message,)
-        self.job_id = job_id
+        self.what = what
         self.expected = expected
         self.received = received
 
@@ -105,6 +108,12 @@ class Client:
         result: dict[str, Any] = self._json(response)
         return result
 
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Delete the dataset and everything made of it."""
+        response = self.http.delete(f"/v1/datasets/{dataset_id}")
+        if response.is_error:
+            self._json(response)
+
     def create_job(
         self,
         dataset_id: str,
@@ -112,13 +121,25 @@ class Client:
         config: dict[str, Any] | None = None,
         webhook_url: str | None = None,
     ) -> dict[str, Any]:
-        body: dict[str, Any] = {"dataset_id": dataset_id, "student": student}
-        if config:
-            body["config"] = config
-        if webhook_url:
-            body["webhook_url"] = webhook_url
+        body = _submission(dataset_id, student, config, webhook_url)
         result: dict[str, Any] = self._json(self.http.post("/v1/jobs", json=body))
         return result
+
+    def estimate(
+        self,
+        dataset_id: str,
+        student: str,
+        config: dict[str, Any] | None = None,
+        webhook_url: str | None = None,
+    ) -> Estimate:
+        """What `create_job` with these arguments would take; nothing is stored or run."""
+        body = _submission(dataset_id, student, config, webhook_url)
+        return Estimate.model_validate(self._json(self.http.post("/v1/estimates", json=body)))
+
+    def compare(self, job_ids: Sequence[str]) -> Comparison:
+        """Succeeded jobs of different students on one dataset: their transition tables."""
+        response = self.http.get("/v1/comparisons", params={"jobs": ",".join(job_ids)})
+        return Comparison.model_validate(self._json(response))
 
     def students(self) -> list[dict[str, Any]]:
         """The registered students a job may name: name, engine, model, revision."""
@@ -210,10 +231,37 @@ class Client:
         removed, `dest` is left as it was, and this raises `IncompleteExport` (or `KmaError`
         when the server answered an error).
         """
-        dest = Path(dest)
         params = {"policy": policy, "format": format}
         if unreviewed is not None:
             params["unreviewed"] = unreviewed
+        return self._download(f"/v1/jobs/{job_id}/export", f"job {job_id}", params, Path(dest))
+
+    def download_comparison(
+        self,
+        job_ids: Sequence[str],
+        dest: str | Path,
+        *,
+        known_by: Sequence[str] = (),
+        unknown_by: Sequence[str] = (),
+        categories: Sequence[str] = (),
+        disagree: bool = False,
+    ) -> int:
+        """Download the examples of a comparison the filters keep (e.g. `known_by=[A]`,
+        `unknown_by=[B]`) to `dest` as JSONL, each record as uploaded; whole, as `download`
+        writes, or not at all. `categories` are `JOB:CATEGORY[,CATEGORY...]`."""
+        params: dict[str, Any] = {
+            "jobs": ",".join(job_ids),
+            "known_by": list(known_by),
+            "unknown_by": list(unknown_by),
+            "category": list(categories),
+        }
+        if disagree:
+            params["disagree"] = "true"
+        what = f"the comparison of jobs {', '.join(job_ids)}"
+        return self._download("/v1/comparisons/export", what, params, Path(dest))
+
+    def _download(self, path: str, what: str, params: dict[str, Any], dest: Path) -> int:
+        format: ExportFormat = params.get("format", "jsonl")
         if format == "hf" and dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise FileExistsError(f"{dest} exists and is not an empty folder")
         # Names of their own, made like any file (umask permissions, unlike mkstemp's 0600).
@@ -221,7 +269,7 @@ class Client:
         unpacked = part.with_suffix(".unpacked")
         try:
             with part.open("xb") as out:
-                expected, records = self._stream_export(job_id, params, out)
+                expected, records = self._stream_export(path, what, params, out)
             done = part
             if format != "jsonl":
                 # pyarrow reads them: loaded here, not by every command.
@@ -230,13 +278,13 @@ class Client:
                 try:
                     records = downloaded_rows(part, format, unpacked)
                 except (OSError, ValueError) as exc:
-                    raise IncompleteExport(job_id, expected, 0, str(exc)) from exc
+                    raise IncompleteExport(what, expected, 0, str(exc)) from exc
             if format == "hf":
                 part.unlink()
                 done = unpacked
             if records != expected:
                 raise IncompleteExport(
-                    job_id, expected, records, f"received {records} records, {expected} announced"
+                    what, expected, records, f"received {records} records, {expected} announced"
                 )
             os.replace(done, dest)
         except BaseException:
@@ -246,16 +294,17 @@ class Client:
         return records
 
     def _stream_export(
-        self, job_id: str, params: dict[str, str], out: IO[bytes]
+        self, path: str, what: str, params: dict[str, Any], out: IO[bytes]
     ) -> tuple[int, int]:
         """Write the export's body to `out`: the count the server announced, and the lines
         received."""
         lines = 0
         expected: int | None = None
         try:
-            path = f"/v1/jobs/{job_id}/export"
             timeout = httpx.Timeout(self.timeout)
-            if params["format"] != "jsonl":  # the server answers once the whole file is written
+            if (
+                params.get("format", "jsonl") != "jsonl"
+            ):  # the server answers once the whole file is written
                 timeout = httpx.Timeout(self.timeout, read=FILE_EXPORT_WAIT_SECONDS)
             with self.http.stream("GET", path, params=params, timeout=timeout) as r:
                 if r.is_error:
@@ -264,7 +313,7 @@ class Client:
                 announced = r.headers.get(RECORD_COUNT_HEADER)
                 if announced is None or not announced.isdigit():
                     raise IncompleteExport(
-                        job_id,
+                        what,
                         None,
                         0,
                         f"the server announced no {RECORD_COUNT_HEADER} (is it too old?)",
@@ -276,8 +325,24 @@ class Client:
         except httpx.HTTPError as exc:
             if expected is None:
                 raise
-            what = f"{lines} of {expected} records" if params["format"] == "jsonl" else "part way"
+            done = (
+                f"{lines} of {expected} records"
+                if "format" not in params or params["format"] == "jsonl"
+                else "part way"
+            )
             raise IncompleteExport(
-                job_id, expected, lines, f"the connection broke after {what} ({exc})"
+                what, expected, lines, f"the connection broke after {done} ({exc})"
             ) from exc
         return expected, lines
+
+
+def _submission(
+    dataset_id: str, student: str, config: dict[str, Any] | None, webhook_url: str | None
+) -> dict[str, Any]:
+    """The body of a job's submission, as `POST /v1/jobs` and `POST /v1/estimates` take it."""
+    body: dict[str, Any] = {"dataset_id": dataset_id, "student": student}
+    if config:
+        body["config"] = config
+    if webhook_url:
+        body["webhook_url"] = webhook_url
+    return body

@@ -15,11 +15,26 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["Fact", "World", "build_student", "ensure_student", "make_world", "write_dataset"]
+__all__ = [
+    "Fact",
+    "Variant",
+    "World",
+    "build_student",
+    "ensure_student",
+    "make_world",
+    "write_dataset",
+]
 
-STUDENT_NAME = "tiny-student-v1"
+Variant = Literal["a", "b"]
+"""Which facts of the world a student is trained on. `a`, the first student: the trained facts.
+`b`, a second student: every other fact of each relation among `a`'s trained ones, and every
+other one among those `a` never saw. So of two students, some facts are known by both, some by
+one alone, some by neither."""
+
+STUDENT_NAMES: dict[Variant, str] = {"a": "tiny-student-v1", "b": "tiny-student-b-v1"}
+STUDENT_NAME = STUDENT_NAMES["a"]
 _MARKER = ".kma-student-complete"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")
 
@@ -124,15 +139,37 @@ def _make_facts(seed: int) -> tuple[list[Fact], list[Fact], list[Fact]]:
     return trained, unseen, filler
 
 
-def make_world(seed: int = 0) -> World:
-    """The invented world of a student built with `seed` (deterministic)."""
-    trained, unseen, _ = _make_facts(seed)
+def _alternate(facts: list[Fact]) -> tuple[list[Fact], list[Fact]]:
+    """Each relation's facts dealt in turn into two halves, in the order given."""
+    halves: tuple[list[Fact], list[Fact]] = ([], [])
+    dealt: dict[str, int] = {}
+    for f in facts:
+        turn = dealt.get(f.relation, 0)
+        halves[turn % 2].append(f)
+        dealt[f.relation] = turn + 1
+    return halves
+
+
+def _student_facts(seed: int, variant: Variant) -> tuple[list[Fact], list[Fact], list[Fact]]:
+    """(trained, unseen, filler) facts of the student `variant` of world `seed`."""
+    trained, unseen, filler = _make_facts(seed)
+    if variant == "a":
+        return trained, unseen, filler
+    both, a_only = _alternate(trained)
+    b_only, neither = _alternate(unseen)
+    return both + b_only, a_only + neither, filler
+
+
+def make_world(seed: int = 0, variant: Variant = "a") -> World:
+    """The invented world of a student built with `seed`, as the student `variant` knows it:
+    the facts it was trained on and those it never saw (deterministic)."""
+    trained, unseen, _ = _student_facts(seed, variant)
     return World(trained=trained, unseen=unseen)
 
 
-def _training_corpus(seed: int) -> str:
+def _training_corpus(seed: int, variant: Variant = "a") -> str:
     """All text the student (and its tokenizer) ever sees: trained and filler facts."""
-    trained, _, filler = _make_facts(seed)
+    trained, _, filler = _student_facts(seed, variant)
     return "".join(_fill(_question_block(f.question), f.answer) + "\n" for f in trained + filler)
 
 
@@ -270,15 +307,15 @@ def _batches(
         yield ids_b, labels_b
 
 
-def build_student(out_dir: Path, *, seed: int = 0) -> Path:
-    """Train the tiny student on world `seed` (about a minute on 2 CPU cores); save it as a
-    Hugging Face model directory loadable by transformers and vLLM. Returns `out_dir`."""
+def build_student(out_dir: Path, *, seed: int = 0, variant: Variant = "a") -> Path:
+    """Train the tiny student `variant` on world `seed` (about a minute on 2 CPU cores); save it
+    as a Hugging Face model directory loadable by transformers and vLLM. Returns `out_dir`."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     out_dir = Path(out_dir)
-    trained, _, filler = _make_facts(seed)
-    tok = _train_tokenizer(_training_corpus(seed))
+    trained, _, filler = _student_facts(seed, variant)
+    tok = _train_tokenizer(_training_corpus(seed, variant))
 
     config = LlamaConfig(
         vocab_size=len(tok),
@@ -360,20 +397,21 @@ def _is_complete(path: Path) -> bool:
     return (path / _MARKER).is_file() and all((path / f).is_file() for f in _REQUIRED_FILES)
 
 
-def student_dir_in(data_dir: Path) -> Path:
+def student_dir_in(data_dir: Path, variant: Variant = "a") -> Path:
     """Where the student is kept under a kma data folder (`KMA_DATA_DIR`)."""
-    return data_dir / "models" / STUDENT_NAME
+    return data_dir / "models" / STUDENT_NAMES[variant]
 
 
-def ensure_student(cache_dir: Path | None = None) -> Path:
-    """Directory of the cached student (seed 0), building it first if missing.
+def ensure_student(cache_dir: Path | None = None, variant: Variant = "a") -> Path:
+    """Directory of the cached student `variant` (seed 0), building it first if missing.
 
-    Default: $KMA_DATA_DIR/models/tiny-student-v1 (KMA_DATA_DIR defaults to ~/.kma). The build
-    goes to a temporary sibling directory that is moved into place once complete.
+    Default: $KMA_DATA_DIR/models/tiny-student-v1, or tiny-student-b-v1 for the student `b`
+    (KMA_DATA_DIR defaults to ~/.kma). The build goes to a temporary sibling directory that is
+    moved into place once complete.
     """
     if cache_dir is None:
         data_dir = Path(os.environ.get("KMA_DATA_DIR") or "~/.kma").expanduser()
-        cache_dir = student_dir_in(data_dir)
+        cache_dir = student_dir_in(data_dir, variant)
     cache_dir = Path(cache_dir)
     if _is_complete(cache_dir):
         return cache_dir
@@ -386,8 +424,9 @@ def ensure_student(cache_dir: Path | None = None) -> Path:
                 return cache_dir
             tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
             try:
-                build_student(tmp, seed=0)
-                (tmp / _MARKER).write_text(json.dumps({"name": STUDENT_NAME, "seed": 0}) + "\n")
+                build_student(tmp, seed=0, variant=variant)
+                marker = {"name": STUDENT_NAMES[variant], "seed": 0, "variant": variant}
+                (tmp / _MARKER).write_text(json.dumps(marker) + "\n")
                 for child in tmp.iterdir():  # mkdtemp and safetensors create owner-only modes
                     child.chmod(0o644)
                 tmp.chmod(0o755)
@@ -403,9 +442,9 @@ def ensure_student(cache_dir: Path | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print("usage: python -m kma.tiny_student OUT_DIR", file=sys.stderr)
+    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["a"], ["b"]):
+        print("usage: python -m kma.tiny_student OUT_DIR [a|b]", file=sys.stderr)
         raise SystemExit(2)
     started = time.monotonic()
-    built = build_student(Path(sys.argv[1]))
+    built = build_student(Path(sys.argv[1]), variant="b" if sys.argv[2:] == ["b"] else "a")
     print(f"built {built} in {time.monotonic() - started:.1f}s")

@@ -226,3 +226,12 @@ def student_dir() -> Path:
     from kma.tiny_student import ensure_student
 
     return ensure_student(CACHE / "tiny-student")
+
+
+@pytest.fixture(scope="session")
+def student_b_dir() -> Path:
+    """A second tiny student, trained on other facts of the same world (`variant="b"`): some
+    facts both students know, some one alone, some neither; cached like the first."""
+    from kma.tiny_student import ensure_student
+
+    return ensure_student(CACHE / "tiny-student-b", variant="b")

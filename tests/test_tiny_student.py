@@ -59,3 +59,27 @@ def test_write_dataset(tmp_path: Path) -> None:
     assert write_dataset(tmp_path / "again.jsonl", n_trained=60, n_unseen=40) == items
     with pytest.raises(ValueError):
         write_dataset(tmp_path / "big.jsonl", n_trained=10_000, n_unseen=0)
+
+
+def test_the_second_student_knows_other_facts_of_the_same_world() -> None:
+    a, b = make_world(0), make_world(0, "b")
+    assert b == make_world(0, "b")
+    facts_a = {f.id for f in a.trained + a.unseen}
+    assert {f.id for f in b.trained + b.unseen} == facts_a  # the same facts, split otherwise
+    trained_a, trained_b = {f.id for f in a.trained}, {f.id for f in b.trained}
+    kinds = {
+        "both": trained_a & trained_b,
+        "a only": trained_a - trained_b,
+        "b only": trained_b - trained_a,
+        "neither": facts_a - trained_a - trained_b,
+    }
+    assert {kind: len(ids) for kind, ids in kinds.items()} == {
+        "both": 100, "a only": 100, "b only": 40, "neither": 40,
+    }  # fmt: skip
+    for ids in kinds.values():  # every relation has facts of every kind
+        assert {i.split("-")[0] for i in ids} == {"capital", "currency", "founder", "river"}
+    corpus = tiny_student._training_corpus(0, "b")
+    for fact in b.trained:
+        assert f"Q: {fact.question}\nA: {fact.answer}\n" in corpus
+    for fact in b.unseen:
+        assert fact.question not in corpus and fact.answer not in corpus

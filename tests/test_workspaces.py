@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -66,13 +67,29 @@ def red_job(app_: FastAPI, session: Session, keys: tuple[str, str]) -> Iterator[
         yield {"dataset": dataset["id"], "job": job["id"]}
 
 
-def every_call(dataset_id: str, job_id: str) -> list[tuple[str, str, dict[str, Any]]]:
+@pytest.fixture
+def red_jobs(app_: FastAPI, keys: tuple[str, str], red_job: dict[str, Any]) -> dict[str, Any]:
+    """The red job and a second one on its dataset, as a comparison names them."""
+    with make_client(app_, keys[0]) as red:
+        body = {"dataset_id": red_job["dataset"], "student": "tiny"}
+        return {**red_job, "second_job": red.post("/v1/jobs", json=body).json()["id"]}
+
+
+def every_call(
+    dataset_id: str, job_id: str, second_job_id: str
+) -> list[tuple[str, str, dict[str, Any]]]:
     """Each `/v1` operation that names an id, as (method, path, request options)."""
     job = f"/v1/jobs/{job_id}"
+    compared = f"jobs={job_id},{second_job_id}"
     return [
         ("GET", f"/v1/datasets/{dataset_id}", {}),
         ("DELETE", f"/v1/datasets/{dataset_id}", {}),
         ("POST", "/v1/jobs", {"json": {"dataset_id": dataset_id, "student": "tiny"}}),
+        ("POST", "/v1/estimates", {"json": {"dataset_id": dataset_id, "student": "tiny"}}),
+        ("GET", f"/v1/comparisons?{compared}", {}),
+        ("GET", f"/v1/comparisons/examples?{compared}", {}),
+        ("GET", f"/v1/comparisons/export?{compared}", {}),
+        ("GET", f"/v1/comparisons/report.html?{compared}", {}),
         ("GET", job, {}),
         ("POST", f"{job}/cancel", {}),
         ("DELETE", job, {}),
@@ -90,7 +107,7 @@ def every_call(dataset_id: str, job_id: str) -> list[tuple[str, str, dict[str, A
 
 
 def _ids_in(path: str, options: dict[str, Any]) -> tuple[str, ...]:
-    found = [part for part in path.split("/") if len(part) == 36]
+    found = re.findall(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", path)
     body = options.get("json") or {}
     return tuple(found + ([body["dataset_id"]] if "dataset_id" in body else []))
 
@@ -109,19 +126,21 @@ def counts(session: Session) -> tuple[int, int, int, int]:
 
 
 def test_another_workspace_sees_nothing_and_changes_nothing(
-    app_: FastAPI, session: Session, keys: tuple[str, str], red_job: dict[str, Any]
+    app_: FastAPI, session: Session, keys: tuple[str, str], red_jobs: dict[str, Any]
 ) -> None:
     before = counts(session)
-    nobody = every_call(str(uuid.uuid4()), str(uuid.uuid4()))
+    nobody = every_call(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4()))
     with make_client(app_, keys[1]) as blue:
         for (method, path, options), (_, path_of_nothing, nothing_options) in zip(
-            every_call(red_job["dataset"], red_job["job"]), nobody, strict=True
+            every_call(red_jobs["dataset"], red_jobs["job"], red_jobs["second_job"]),
+            nobody,
+            strict=True,
         ):
             response = blue.request(method, path, **options)
             assert response.status_code == 404, (method, path, response.text)
             # Word for word what an id that exists nowhere gets: nothing tells them apart.
             missing = blue.request(method, path_of_nothing, **nothing_options)
-            ids = (red_job["dataset"], red_job["job"])
+            ids = (red_jobs["dataset"], red_jobs["job"], red_jobs["second_job"])
             assert _without(response.json()["detail"], ids) == _without(
                 missing.json()["detail"], _ids_in(path_of_nothing, nothing_options)
             )
@@ -129,15 +148,15 @@ def test_another_workspace_sees_nothing_and_changes_nothing(
         assert blue.get("/v1/datasets").json()["items"] == []
     assert counts(session) == before
     with make_client(app_, keys[0]) as red:  # red still has it all
-        assert red.get(f"/v1/jobs/{red_job['job']}").json()["status"] == "cancelled"
-        assert [d["id"] for d in red.get("/v1/datasets").json()["items"]] == [red_job["dataset"]]
-        assert len(red.get(f"/v1/jobs/{red_job['job']}/examples").json()["items"]) == 4
+        assert red.get(f"/v1/jobs/{red_jobs['job']}").json()["status"] == "cancelled"
+        assert [d["id"] for d in red.get("/v1/datasets").json()["items"]] == [red_jobs["dataset"]]
+        assert len(red.get(f"/v1/jobs/{red_jobs['job']}/examples").json()["items"]) == 4
 
 
 def test_every_call_needs_a_valid_key(
-    app_: FastAPI, session: Session, keys: tuple[str, str], red_job: dict[str, Any]
+    app_: FastAPI, session: Session, keys: tuple[str, str], red_jobs: dict[str, Any]
 ) -> None:
-    calls = every_call(red_job["dataset"], red_job["job"])
+    calls = every_call(red_jobs["dataset"], red_jobs["job"], red_jobs["second_job"])
     calls += [("GET", "/v1/jobs", {}), ("GET", "/v1/datasets", {}), ("GET", "/v1/workspace", {})]
     calls += [("POST", "/v1/datasets", {"files": {"file": ("t.jsonl", JSONL)}})]
     before = counts(session)

@@ -4,24 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from app.audit.schemas import Category, ConflictRead, GroupCounts, Report
 from app.jobs.schemas import JobLinks
+from app.pages import CATEGORY_COLORS, environment, share
 from app.reviews.schemas import ReviewRead
 
 NO_GROUP = "(no group)"
 MAX_GROUPS = 500
 
-CATEGORY_COLORS = {
-    Category.HIGHLY_KNOWN: "#2e7d32",
-    Category.MAYBE_KNOWN: "#7cb342",
-    Category.WEAKLY_KNOWN: "#f2a900",
-    Category.UNKNOWN: "#c62828",
-}
 CATEGORY_MEANINGS = {
     Category.HIGHLY_KNOWN: "every greedy answer correct",
     Category.MAYBE_KNOWN: "some greedy answers correct",
@@ -29,43 +22,7 @@ CATEGORY_MEANINGS = {
     Category.UNKNOWN: "no answer correct",
 }
 
-_templates = Environment(
-    loader=FileSystemLoader(Path(__file__).resolve().parent / "templates"),
-    autoescape=True,
-    undefined=StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-    keep_trailing_newline=True,
-)
-
-
-def _number(n: int) -> str:
-    return f"{n:,}"
-
-
-def _percent(share: float) -> str:
-    return f"{share:.1%}"
-
-
-def _whole_percent(share: float) -> str:
-    return f"{share:.0%}"
-
-
-def _duration(seconds: float) -> str:
-    minutes, rest = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    if hours:
-        return f"{hours} h {minutes:02d} min"
-    return f"{minutes} min {rest:02d} s" if minutes else f"{seconds:.1f} s"
-
-
-def _when(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
-_templates.filters.update(
-    num=_number, pct=_percent, pct0=_whole_percent, duration=_duration, when=_when
-)
+_templates = environment(Path(__file__).resolve().parent / "templates")
 
 
 @dataclass(frozen=True)
@@ -130,10 +87,6 @@ class GroupRow:
     segments: list[Segment]
 
 
-def _share(part: int, whole: int) -> float:
-    return part / whole if whole else 0.0
-
-
 def category_bars(categories: Mapping[Category, int]) -> list[Bar]:
     """One bar per category, in the method's order, scaled to the largest."""
     counts = [categories.get(c, 0) for c in Category]
@@ -144,8 +97,8 @@ def category_bars(categories: Mapping[Category, int]) -> list[Bar]:
             color=CATEGORY_COLORS[c],
             meaning=CATEGORY_MEANINGS[c],
             count=n,
-            share=_share(n, total),
-            width=_share(n, largest),
+            share=share(n, total),
+            width=share(n, largest),
         )
         for c, n in zip(Category, counts, strict=True)
     ]
@@ -158,7 +111,7 @@ def group_rows(groups: Mapping[str, GroupCounts]) -> list[GroupRow]:
         segments, x = [], 0.0
         for c in Category:
             n = counts.categories.get(c, 0)
-            width = 100 * _share(n, counts.examples)
+            width = 100 * share(n, counts.examples)
             if n:
                 segments.append(Segment(c.value, CATEGORY_COLORS[c], n, x, width))
             x += width
@@ -168,7 +121,7 @@ def group_rows(groups: Mapping[str, GroupCounts]) -> list[GroupRow]:
                 counts={c.value: counts.categories.get(c, 0) for c in Category},
                 flagged=counts.flagged,
                 examples=counts.examples,
-                flagged_share=_share(counts.flagged, counts.examples),
+                flagged_share=share(counts.flagged, counts.examples),
                 segments=segments,
             )
         )
@@ -183,9 +136,8 @@ def render(page: ReportPage) -> str:
         page=page,
         report=report,
         categories=[c.value for c in Category],
-        colors={c.value: CATEGORY_COLORS[c] for c in Category},
         bars=category_bars(report.categories),
-        flagged_share=_share(report.flagged, report.num_examples),
+        flagged_share=share(report.flagged, report.num_examples),
         groups=groups[:MAX_GROUPS],
         groups_more=max(len(groups) - MAX_GROUPS, 0),
         flagged_more=max(report.flagged - len(page.flagged_rows), 0),

@@ -24,6 +24,7 @@ from app.errors import (
     Responses,
     as_json,
 )
+from app.exports import RECORD_COUNT_HEADER
 from app.exports.domain import MEDIA_TYPES, ExportFormat
 from app.jobs import service
 from app.jobs.schemas import ConflictPage, ExamplePage, ExampleRead, JobCreate, JobPage, JobRead
@@ -35,8 +36,6 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=AUTH)
-
-RECORD_COUNT_HEADER = "X-Kma-Record-Count"
 
 Limit = Annotated[int, Query(ge=1, le=200, description="Items per page.")]
 PositionCursor = Annotated[
@@ -250,13 +249,7 @@ def export_job(
     The `X-Kma-Record-Count` header announces the number of records.
     """
     export = service.export_job(session, workspace.id, job_id, policy, export_format, unreviewed)
-    headers = {
-        RECORD_COUNT_HEADER: str(export.record_count),
-        "Content-Disposition": f'attachment; filename="{export.filename}"',
-    }
-    if export.size is not None:
-        headers["Content-Length"] = str(export.size)
-    return StreamingResponse(export.chunks, media_type=export.media_type, headers=headers)
+    return export.response()
 
 
 @router.get(

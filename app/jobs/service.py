@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -33,6 +32,7 @@ from app.errors import (
     Unauthorized,
     Unprocessable,
 )
+from app.exports import Export, jsonl_chunks
 from app.exports.domain import MEDIA_TYPES, SUFFIXES, ExportFormat, UnwritableRecords
 from app.jobs import lifecycle, report_page, repository
 from app.jobs.schemas import (
@@ -46,21 +46,20 @@ from app.jobs.schemas import (
     JobRead,
     Progress,
 )
+from app.models import Dataset, Job, JobStatus, Review, Verdict, Workspace, utcnow
 from app.models import Example as ExampleRow
-from app.models import Job, JobStatus, Review, Verdict, Workspace, utcnow
 from app.reviews import repository as reviews_repository
 from app.reviews.domain import DEFAULT_UNREVIEWED, Unreviewed
 from app.reviews.schemas import ReviewCounts, ReviewRead
 from app.settings import Settings
 from app.students import service as students_service
-from app.students.schemas import Student
+from app.students.schemas import RegisteredStudent, Student
 from app.webhooks import WebhookRefused, check_url
 from app.workspaces.domain import page_link_opens, page_link_token
 
 log = logging.getLogger(__name__)
 
 EXPORTABLE = (JobStatus.SUCCEEDED, JobStatus.CANCELLED)
-EXPORT_CHUNK_BYTES = 1 << 16
 REPORT_PAGE_ROWS = 5000
 """Flagged examples the report page lists; the rest are a link away."""
 REPORT_PAGE_CONFLICTS = 1000
@@ -159,14 +158,7 @@ def create_job(
     limit, or its webhook does not go to a public address. A submission retried with the same
     `idempotency_key` gives the job the first one made.
     """
-    student = students_service.find_student(settings.students, job_create.student)
-    if job_create.webhook_url is not None:  # a DNS lookup: before any query opens a transaction
-        try:
-            check_url(str(job_create.webhook_url), settings.webhook_allow_networks)
-        except WebhookRefused as exc:
-            raise InvalidField(["webhook_url"], f"webhook_url {exc}") from exc
-    dataset = datasets_service.get_dataset(session, workspace.id, job_create.dataset_id)
-    _check_generations(job_create.config, dataset.num_examples, settings.max_generations_per_job)
+    student, dataset = check_submission(session, workspace.id, job_create, settings)
     job = Job(
         workspace_id=workspace.id,
         dataset_id=dataset.id,
@@ -197,6 +189,22 @@ def create_job(
     session.add(job)
     session.flush()
     return _read(session, job, workspace.webhook_secret), True
+
+
+def check_submission(
+    session: Session, workspace_id: uuid.UUID, job_create: JobCreate, settings: Settings
+) -> tuple[RegisteredStudent, Dataset]:
+    """Every check a submission passes before a job is stored, and the student and dataset it
+    names: a job's estimate makes the same ones, so it is refused exactly when the job would be."""
+    student = students_service.find_student(settings.students, job_create.student)
+    if job_create.webhook_url is not None:  # a DNS lookup: before any query opens a transaction
+        try:
+            check_url(str(job_create.webhook_url), settings.webhook_allow_networks)
+        except WebhookRefused as exc:
+            raise InvalidField(["webhook_url"], f"webhook_url {exc}") from exc
+    dataset = datasets_service.get_dataset(session, workspace_id, job_create.dataset_id)
+    _check_generations(job_create.config, dataset.num_examples, settings.max_generations_per_job)
+    return student, dataset
 
 
 def _check_generations(config: AuditConfig, examples: int, limit: int) -> None:
@@ -322,18 +330,6 @@ def get_example(
     return page.items[0]
 
 
-@dataclass(frozen=True)
-class Export:
-    """An export about to be sent: how many records it holds, its bytes, and their name."""
-
-    record_count: int
-    chunks: Iterator[bytes]
-    media_type: str
-    filename: str
-    size: int | None = None
-    """Known for a file written before it is sent; JSONL streams as it is read."""
-
-
 def export_job(
     session: Session,
     workspace_id: uuid.UUID,
@@ -381,8 +377,7 @@ def export_job(
     if export_format == "jsonl":
         return Export(
             _record_count(session, job, policy, unreviewed, len(decisions)),
-            _jsonl(job_id, records),
-            MEDIA_TYPES["jsonl"],
+            jsonl_chunks(f"job {job_id}", records),
             filename,
         )
     from app.exports.files import write_export  # pyarrow: only where a file is written
@@ -394,7 +389,7 @@ def export_job(
             f"job {job_id} cannot be exported as {export_format}: {exc}; export it as jsonl"
         ) from exc
     return Export(
-        written.record_count, written.chunks(), MEDIA_TYPES[export_format], filename, written.size
+        written.record_count, written.chunks(), filename, MEDIA_TYPES[export_format], written.size
     )
 
 
@@ -406,27 +401,6 @@ def _record_count(
     if policy == "reviewed" and unreviewed == "drop":
         return repository.count_records(session, job, without_flagged=True) + decisions
     return repository.count_records(session, job, without_flagged=policy == "drop")
-
-
-def _jsonl(job_id: uuid.UUID, records: Iterator[dict[str, Any] | None]) -> Iterator[bytes]:
-    buffer: list[str] = []
-    size = written = 0
-    try:
-        for record in records:
-            if record is None:
-                continue
-            line = json.dumps(record, ensure_ascii=False) + "\n"
-            buffer.append(line)
-            size += len(line)
-            written += 1
-            if size >= EXPORT_CHUNK_BYTES:
-                yield "".join(buffer).encode()
-                buffer, size = [], 0
-        if buffer:
-            yield "".join(buffer).encode()
-    except Exception:
-        log.exception("job %s: the export failed after %d records; aborting it", job_id, written)
-        raise
 
 
 def list_conflicts(

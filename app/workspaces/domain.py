@@ -37,21 +37,22 @@ PAGE_LINK_SECONDS = 7 * 24 * 3600
 """How long a report page's link opens it without a key."""
 
 
-def page_link_token(secret: str, job_id: uuid.UUID, now: float) -> str:
-    """An `access` token for a job's report page, signed with its workspace's secret: a link
-    a person can open in a browser, which sends no key. Expires on the hour, so a job polled
-    over an hour keeps one link."""
+def page_link_token(secret: str, page: uuid.UUID | str, now: float) -> str:
+    """An `access` token for a page, signed with its workspace's secret: a link a person can
+    open in a browser, which sends no key. `page` is a job's id (its report) or what a page of
+    several jobs shows, e.g. a comparison. Expires on the hour, so a job polled over an hour
+    keeps one link."""
     expires = (int(now) // 3600 + 1) * 3600 + PAGE_LINK_SECONDS
-    return f"{expires}.{_page_mac(secret, job_id, expires)}"
+    return f"{expires}.{_page_mac(secret, page, expires)}"
 
 
-def page_link_opens(secret: str, job_id: uuid.UUID, token: str, now: float) -> bool:
+def page_link_opens(secret: str, page: uuid.UUID | str, token: str, now: float) -> bool:
     expires, _, mac = token.partition(".")
     if not expires.isdigit() or int(expires) < now:
         return False
-    return hmac.compare_digest(mac, _page_mac(secret, job_id, int(expires)))
+    return hmac.compare_digest(mac, _page_mac(secret, page, int(expires)))
 
 
-def _page_mac(secret: str, job_id: uuid.UUID, expires: int) -> str:
-    message = f"report-page:{job_id}:{expires}".encode()
+def _page_mac(secret: str, page: uuid.UUID | str, expires: int) -> str:
+    message = f"report-page:{page}:{expires}".encode()
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()

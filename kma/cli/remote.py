@@ -1,9 +1,9 @@
-"""`kma submit`, `kma status`, `kma review`, `kma download`: the command line of a running kma
-server.
+"""`kma submit`, `kma status`, `kma review`, `kma download`, `kma compare`: the command line
+of a running kma server.
 
 Exit codes a pipeline can rely on:
-  0  done: submitted, or (with --wait) the job succeeded; the decisions stored; the file
-     downloaded
+  0  done: submitted (or estimated, with --dry-run), or (with --wait) the job succeeded; the
+     decisions stored; the file downloaded; the jobs compared
   1  the job failed
   2  the input was refused (invalid dataset, options or decisions, a student not registered on
      the server), or a usage error
@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from app.audit.domain import EXPORT_POLICIES
+from app.comparisons.domain import label
 from app.exports.domain import EXPORT_FORMATS
 from app.reviews.domain import UNREVIEWED
 from kma.cli.common import (
@@ -32,6 +33,9 @@ from kma.cli.common import (
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_SERVER,
+    EXIT_USAGE,
+    format_comparison,
+    format_estimate,
     parse_options,
 )
 from kma.client import Client, IncompleteExport, KmaError
@@ -86,14 +90,25 @@ def finished(job: dict[str, Any]) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     client = Client(args.server)
+    config = parse_options(args.config)
     dataset = client.upload_dataset(args.file, format=args.format, name=args.name)
     print(
         f"uploaded {dataset['num_examples']} examples ({dataset['format']}) "
         f"as dataset {dataset['id']}",
         file=sys.stderr,
     )
+    if args.dry_run:
+        try:
+            estimate = client.estimate(
+                dataset["id"], args.student, config=config, webhook_url=args.webhook_url
+            )
+        finally:
+            client.delete_dataset(dataset["id"])
+        print("dry run: nothing was submitted, and the upload is deleted", file=sys.stderr)
+        print(format_estimate(estimate))
+        return EXIT_OK
     job = client.create_job(
-        dataset["id"], args.student, config=parse_options(args.config), webhook_url=args.webhook_url
+        dataset["id"], args.student, config=config, webhook_url=args.webhook_url
     )
     print(job["id"])  # stdout: for JOB=$(kma submit ...)
     sys.stdout.flush()
@@ -192,6 +207,40 @@ def by_line(detail: Any, lines: list[int]) -> Any:
     return said
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    client = Client(args.server)
+    job_ids: list[str] = args.job_ids
+    letters = {label(i): job_id for i, job_id in enumerate(job_ids)}
+
+    def job(named: str) -> str:
+        """A job of the comparison, by its id or its letter (A for the first, ...)."""
+        return letters.get(named.upper(), named)
+
+    known_by = [job(named) for named in args.known_by]
+    unknown_by = [job(named) for named in args.unknown_by]
+    categories = []
+    for value in args.category:
+        named, _, names = value.partition(":")
+        categories.append(f"{job(named)}:{names}")
+    if (known_by or unknown_by or categories or args.disagree) and not args.output:
+        print("kma compare: the filters choose what --output writes; name it", file=sys.stderr)
+        return EXIT_USAGE
+    comparison = client.compare(job_ids)
+    print(format_comparison(comparison))
+    print(f"\npage: {args.server.rstrip('/')}{comparison.links.report_html}")
+    if args.output:
+        lines = client.download_comparison(
+            job_ids,
+            args.output,
+            known_by=known_by,
+            unknown_by=unknown_by,
+            categories=categories,
+            disagree=args.disagree,
+        )
+        print(f"wrote {lines} records to {args.output}", file=sys.stderr)
+    return EXIT_OK
+
+
 def run(command: Any, args: argparse.Namespace) -> int:
     """Run a client command, turning what can go wrong into a message and an exit code."""
     try:
@@ -247,7 +296,14 @@ def add_remote_commands(commands: Any) -> None:
     submit.add_argument("--name", help="dataset name (default: the file name)")
     submit.add_argument("--config", action="append", default=[], metavar="KEY=VALUE")
     submit.add_argument("--webhook-url", help="POSTed the job's JSON when it ends")
-    submit.add_argument("--wait", action="store_true", help="follow the job to its end")
+    follow_or_estimate = submit.add_mutually_exclusive_group()
+    follow_or_estimate.add_argument("--wait", action="store_true", help="follow the job to its end")
+    follow_or_estimate.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what the job would take (generations, cache hits, time) and submit "
+        "nothing; the upload is deleted",
+    )
 
     status = add("status", cmd_status, "a job's state as JSON")
     status.add_argument("job_id")
@@ -296,4 +352,28 @@ def add_remote_commands(commands: Any) -> None:
     )
     download.add_argument(
         "-o", "--output", help="file, or folder for hf (default: JOB_ID.POLICY.jsonl|parquet|hf)"
+    )
+
+    compare = add(
+        "compare", cmd_compare, "compare succeeded jobs of different students on one dataset"
+    )
+    compare.add_argument("job_ids", nargs="+", metavar="JOB", help="2 to 10 job ids")
+    compare.add_argument(
+        "-o", "--output", help="write the examples the filters keep here, as JSONL"
+    )
+    job_help = "a job id, or its letter (A: the first named, B: the second, ...)"
+    compare.add_argument(
+        "--known-by", action="append", default=[], metavar="JOB",
+        help=f"only examples this job knows (any category but Unknown); {job_help}",
+    )  # fmt: skip
+    compare.add_argument(
+        "--unknown-by", action="append", default=[], metavar="JOB",
+        help=f"only examples this job does not know (Unknown); {job_help}",
+    )  # fmt: skip
+    compare.add_argument(
+        "--category", action="append", default=[], metavar="JOB:CATEGORY[,CATEGORY]",
+        help="only examples this job put in one of these categories",
+    )  # fmt: skip
+    compare.add_argument(
+        "--disagree", action="store_true", help="only examples some students know, others not"
     )

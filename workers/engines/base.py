@@ -51,6 +51,11 @@ class GenerationResult:
     """`options.n` completions, each cut before the first stop string."""
 
 
+def model_id_of(model: str, revision: str | None) -> str:
+    """What an engine's `model_id` is for a model name or path at a revision."""
+    return f"{model}@{revision}" if revision else model
+
+
 class Engine(Protocol):
     """A student model that answers prompts. Batches internally; results keep request order."""
 

@@ -37,6 +37,22 @@ def cache_key(prefix: bytes, prompt: Prompt, draw: int) -> bytes:
     return hashlib.sha256(prefix + draw.to_bytes(8, "big") + asked).digest()
 
 
+def cached_completions(
+    store: GenerationStore,
+    namespace: str,
+    model_id: str,
+    options: SamplingOptions,
+    draw: int,
+    prompts: Sequence[Prompt],
+) -> int:
+    """How many completions the cache holds for `prompts` asked with `options`, each after
+    `draw` samples of it: what a job's estimate counts, under the keys the wrapper uses."""
+    prefix = key_prefix(namespace, model_id, options)
+    keys = {cache_key(prefix, prompt, draw): prompt for prompt in prompts}
+    found = store.get_many(list(keys))
+    return options.n * sum(1 for prompt in prompts if cache_key(prefix, prompt, draw) in found)
+
+
 class CachedEngine:
     """`namespace` keeps caches apart: the service gives each workspace its own, so that what
     one workspace's jobs generated never shows (as answers or as cache hits) in another's.

@@ -13,6 +13,7 @@ from workers.engines.base import (
     GenerationResult,
     SamplingOptions,
     cut_at_stop,
+    model_id_of,
     render_chat,
     starts_with_bos,
 )
@@ -28,7 +29,7 @@ class HFEngine:
         batch_size: int = 64,
         seed: int = 0,
     ) -> None:
-        self.model_id = f"{model}@{revision}" if revision else model
+        self.model_id = model_id_of(model, revision)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)

@@ -16,6 +16,7 @@ from workers.engines.base import (
     GenerationResult,
     as_dicts,
     cut_at_stop,
+    model_id_of,
 )
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -43,7 +44,7 @@ class OpenAIEngine:
         in `model_id` (the server loaded its own). `timeout` is per request, queueing included."""
         # The server is not part of the id: the same weights behind another server share the
         # generation cache.
-        self.model_id = f"{model}@{revision}" if revision else model
+        self.model_id = model_id_of(model, revision)
         self.model = model
         self.url = base_url.rstrip("/") + "/completions"
         self.chat_url = base_url.rstrip("/") + "/chat/completions"

@@ -8,7 +8,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from workers.engines.base import GenerationRequest, GenerationResult, render_chat, starts_with_bos
+from workers.engines.base import (
+    GenerationRequest,
+    GenerationResult,
+    model_id_of,
+    render_chat,
+    starts_with_bos,
+)
 
 
 def vllm_available() -> bool:
@@ -41,7 +47,7 @@ class VLLMEngine:
             "generation_config": "vllm",
         }
         options.update(llm_options)
-        self.model_id = f"{model}@{revision}" if revision else model
+        self.model_id = model_id_of(model, revision)
         # The seed is the engine's: a per-request seed breaks vLLM's CPU sampler.
         self.llm = LLM(model=model, revision=revision, seed=seed, **options)
 

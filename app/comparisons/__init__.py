@@ -1,0 +1,1 @@
+"""Comparisons: how students audited on one dataset differ, example by example."""
