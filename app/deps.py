@@ -86,11 +86,10 @@ def authorize(
     return workspace
 
 
-async def authorize_early(request: Request) -> Workspace:
-    """`authorize` a request before its route runs (in middleware), with the settings and the
-    session its route would get."""
+async def authorize_early(request: Request, settings: Settings) -> Workspace:
+    """`authorize` a request before its route runs (in middleware), in the session its route
+    would get."""
     credentials = await bearer(request)
-    settings = overridden(request.app, get_settings)()
     return await run_in_threadpool(_authorize_in_session, request.app, settings, credentials)
 
 
@@ -108,7 +107,9 @@ def current_workspace(
 ) -> Workspace:
     """Who the request acts for (`authorize`); an upload's was found before its body was read."""
     uploader: Workspace | None = getattr(request.state, UPLOAD_WORKSPACE, None)
-    return uploader or authorize(session, settings, credentials)
+    if uploader is not None:
+        return uploader
+    return authorize(session, settings, credentials)
 
 
 WorkspaceDep = Annotated[Workspace, Depends(current_workspace)]

@@ -195,8 +195,9 @@ class UploadGuard:
             await self.app(scope, receive, send)
             return
         request = Request(scope)
+        settings = overridden(request.app, get_settings)()
         try:
-            workspace = await authorize_early(request)
+            workspace = await authorize_early(request, settings)
         except HTTPError as exc:
             await http_error(request, exc)(scope, receive, send)
             return
@@ -204,7 +205,7 @@ class UploadGuard:
             await database_unavailable(request, exc)(scope, receive, send)
             return
         scope.setdefault("state", {})[UPLOAD_WORKSPACE] = workspace
-        limit = overridden(request.app, get_settings)().max_upload_bytes
+        limit = settings.max_upload_bytes
         detail = f"the upload is larger than {limit} bytes, the most this server takes"
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > limit:

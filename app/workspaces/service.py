@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import uuid
 
@@ -50,14 +51,14 @@ KEY_CACHE_SECONDS = 5.0
 again: a key revoked elsewhere (`kma keys revoke`) is refused by every API process within
 this time; one revoked in the process itself, at once."""
 KEY_CACHE_SIZE = 10_000
+"""Keys remembered at most; past it, the process forgets them all and looks them up again."""
 
 
 class KeyCache:
     """The keys found active in the last `seconds`, by hash, with their workspace.
 
     A copy of the workspace that belongs to no session, so that requests on any thread may
-    share it. Unknown keys are not kept: a new key works at once. Safe across threads: each
-    step is one operation on a dict or a set, atomic in CPython.
+    share it. Unknown keys are not kept: a new key works at once.
     """
 
     def __init__(self, seconds: float, size: int) -> None:
@@ -65,6 +66,7 @@ class KeyCache:
         self.size = size
         self._found: dict[bytes, tuple[float, uuid.UUID, Workspace]] = {}
         self._revoked: set[bytes] = set()
+        self._lock = threading.Lock()  # a revocation never lands between `put`'s check and store
 
     def get(self, key_hash: bytes) -> tuple[uuid.UUID, Workspace] | None:
         found = self._found.get(key_hash)
@@ -77,22 +79,24 @@ class KeyCache:
         return key_id, workspace
 
     def put(self, key_hash: bytes, key_id: uuid.UUID, workspace: Workspace) -> None:
-        if key_hash in self._revoked:
-            return  # a lookup that began before the revocation committed
-        if len(self._found) >= self.size:
-            self._found.clear()
         snapshot = Workspace(
             id=workspace.id,
             name=workspace.name,
             webhook_secret=workspace.webhook_secret,
             created_at=workspace.created_at,
         )
-        self._found[key_hash] = (time.monotonic() + self.seconds, key_id, snapshot)
+        with self._lock:
+            if key_hash in self._revoked:
+                return  # a lookup that began before the revocation committed
+            if len(self._found) >= self.size:
+                self._found.clear()
+            self._found[key_hash] = (time.monotonic() + self.seconds, key_id, snapshot)
 
     def revoke(self, key_hash: bytes) -> None:
         """Never trust the key again without asking the database (revoked keys stay revoked)."""
-        self._revoked.add(key_hash)
-        self._found.pop(key_hash, None)
+        with self._lock:
+            self._revoked.add(key_hash)
+            self._found.pop(key_hash, None)
 
 
 active_keys = KeyCache(KEY_CACHE_SECONDS, KEY_CACHE_SIZE)
