@@ -86,11 +86,10 @@ def authorize(
     return found
 
 
-async def authorize_early(request: Request) -> Caller:
-    """`authorize` a request before its route runs (in middleware), with the settings and the
-    session its route would get."""
+async def authorize_early(request: Request, settings: Settings) -> Caller:
+    """`authorize` a request before its route runs (in middleware), in the session its route
+    would get."""
     credentials = await bearer(request)
-    settings = overridden(request.app, get_settings)()
     return await run_in_threadpool(_authorize_in_session, request.app, settings, credentials)
 
 

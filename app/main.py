@@ -219,8 +219,9 @@ class UploadGuard:
             await self.app(scope, receive, send)
             return
         request = Request(scope)
+        settings = overridden(request.app, get_settings)()
         try:
-            caller = await authorize_early(request)
+            caller = await authorize_early(request, settings)
         except HTTPError as exc:
             await http_error(request, exc)(scope, receive, send)
             return
@@ -228,7 +229,7 @@ class UploadGuard:
             await database_unavailable(request, exc)(scope, receive, send)
             return
         scope.setdefault("state", {})[UPLOAD_CALLER] = caller
-        limit = overridden(request.app, get_settings)().max_upload_bytes
+        limit = settings.max_upload_bytes
         detail = f"the upload is larger than {limit} bytes, the most this server takes"
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > limit:

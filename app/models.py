@@ -138,7 +138,7 @@ class Job(Base):
     are the workspace's own)."""
     total: Mapped[int] = mapped_column(Integer, default=0)
     # What a poll shows, counted by the worker in the transaction that writes a chunk's
-    # verdicts (`app.audit.repository.count_chunk`), so that no read counts verdicts.
+    # verdicts (`app.jobs.repository.count_chunk`), so that no read counts verdicts.
     done: Mapped[int] = mapped_column(Integer, default=0)
     """Examples with a verdict."""
     highly_known: Mapped[int] = mapped_column(Integer, default=0)

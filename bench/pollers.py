@@ -17,8 +17,8 @@ PostgreSQL: KMA_DATABASE_URL when set, else the machine's on 127.0.0.1:5432 (a f
 set, else db 7 of the machine's, else an embedded one; the job's work hint is taken back off the
 queue. Other KMA_* settings (the pool sizes, timeouts) reach the API from the environment.
 Prints the latency percentiles, requests/s, the answers by status and the CPU time per request
-of the API and of PostgreSQL (which the load of other work on the machine does not change as it
-changes latency); the last line of stdout is the result as JSON.
+of the API, of PostgreSQL and of the clients (which the load of other work on the machine
+changes less than it changes latency); the last line of stdout is the result as JSON.
 """
 
 from __future__ import annotations
@@ -193,8 +193,9 @@ async def poll_all(
 
 
 def processes_of(api_pid: int, database_url: str) -> dict[str, list[psutil.Process]]:
-    """The API's processes (with `--workers`, its children too) and PostgreSQL's backends
-    serving the benchmark's database (their titles name it; none for a remote server)."""
+    """The API's processes (with `--workers`, its children too), PostgreSQL's backends serving
+    the benchmark's database (their titles name it; none for a remote server), and this one,
+    the clients'."""
     api = psutil.Process(api_pid)
     database = f" {make_url(database_url).database} "
     backends = [
@@ -202,7 +203,8 @@ def processes_of(api_pid: int, database_url: str) -> dict[str, list[psutil.Proce
         for process in psutil.process_iter(["cmdline"])
         if database in " ".join(process.info["cmdline"] or []) + " "
     ]
-    return {"api": [api, *api.children(recursive=True)], "database": backends}
+    api_processes = [api, *api.children(recursive=True)]
+    return {"api": api_processes, "database": backends, "clients": [psutil.Process()]}
 
 
 def cpu_seconds(processes: list[psutil.Process]) -> dict[int, float]:
@@ -244,6 +246,8 @@ class Result:
     """CPU time of the API processes per request: what the load average cannot blur."""
     database_cpu_ms_per_request: float
     """CPU time of PostgreSQL's backends for the benchmark's database, per request."""
+    clients_cpu_ms_per_request: float
+    """CPU time of the clients (this process), which share the machine, per request."""
     load_average_before: tuple[float, float, float]
     load_average_after: tuple[float, float, float]
     database: str
@@ -314,6 +318,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> Result:
             max_ms=round(max(tally.latencies, default=0.0) * 1000, 1),
             api_cpu_ms_per_request=round(cpu["api"] / max(requests, 1) * 1000, 2),
             database_cpu_ms_per_request=round(cpu["database"] / max(requests, 1) * 1000, 2),
+            clients_cpu_ms_per_request=round(cpu["clients"] / max(requests, 1) * 1000, 2),
             load_average_before=load_before,
             load_average_after=load_after,
             database=database_source,
@@ -334,7 +339,9 @@ def table(result: Result) -> str:
         ),
         (
             "CPU ms/request",
-            f"API {result.api_cpu_ms_per_request}, PostgreSQL {result.database_cpu_ms_per_request}",
+            f"API {result.api_cpu_ms_per_request}, "
+            f"PostgreSQL {result.database_cpu_ms_per_request}, "
+            f"clients {result.clients_cpu_ms_per_request}",
         ),
         (
             "load average",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ KEY_CACHE_SECONDS = 5.0
 again: a key revoked elsewhere (`kma keys revoke`) is refused by every API process within
 this time; one revoked in the process itself, at once."""
 KEY_CACHE_SIZE = 10_000
+"""Keys remembered at most; past it, the process forgets them all and looks them up again."""
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,7 @@ class KeyCache:
     """The keys found active in the last `seconds`, by hash, with who they stand for.
 
     The workspace is a copy that belongs to no session, so that requests on any thread may
-    share it. Unknown keys are not kept: a new key works at once. Safe across threads: each
-    step is one operation on a dict or a set, atomic in CPython.
+    share it. Unknown keys are not kept: a new key works at once.
     """
 
     def __init__(self, seconds: float, size: int) -> None:
@@ -75,6 +76,7 @@ class KeyCache:
         self.size = size
         self._found: dict[bytes, tuple[float, Caller]] = {}
         self._revoked: set[bytes] = set()
+        self._lock = threading.Lock()  # a revocation never lands between `put`'s check and store
 
     def get(self, key_hash: bytes) -> Caller | None:
         found = self._found.get(key_hash)
@@ -94,17 +96,19 @@ class KeyCache:
             created_at=workspace.created_at,
         )
         caller = Caller(snapshot, key.id, key.name)
-        if key_hash in self._revoked:
-            return caller  # a lookup that began before the revocation committed: not kept
-        if len(self._found) >= self.size:
-            self._found.clear()
-        self._found[key_hash] = (time.monotonic() + self.seconds, caller)
+        with self._lock:
+            if key_hash in self._revoked:
+                return caller  # a lookup that began before the revocation committed: not kept
+            if len(self._found) >= self.size:
+                self._found.clear()
+            self._found[key_hash] = (time.monotonic() + self.seconds, caller)
         return caller
 
     def revoke(self, key_hash: bytes) -> None:
         """Never trust the key again without asking the database (revoked keys stay revoked)."""
-        self._revoked.add(key_hash)
-        self._found.pop(key_hash, None)
+        with self._lock:
+            self._revoked.add(key_hash)
+            self._found.pop(key_hash, None)
 
 
 active_keys = KeyCache(KEY_CACHE_SECONDS, KEY_CACHE_SIZE)
