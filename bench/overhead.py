@@ -13,8 +13,9 @@ PostgreSQL, the generation cache, the runner and its scoring, the verdicts, the 
 
 Per job it measures the time from the job's start to its success (the database's timestamps),
 the worker's busy time (its units of work, timed inside it), the scoring's share of that, the
-worker's CPU time, and generations/s and examples/s over each; it checks the report's categories
-(even numbers HighlyKnown, odd ones Unknown). `--profile DIR` samples the worker with py-spy
+CPU time of both, generations/s and examples/s over each, and how much the `verdict` table and
+the generation cache grew; it checks the report's categories (even numbers HighlyKnown, odd
+ones Unknown). `--profile DIR` samples the worker with py-spy
 during the full-mode job and lists the functions it spent most time in.
 
 PostgreSQL: KMA_DATABASE_URL when set, else a fresh `kma_bench_*` database on the machine's
@@ -46,7 +47,14 @@ sys.path.insert(0, str(REPO))
 from app.audit.schemas import AuditConfig, Mode  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from bench.instant_worker import TIMINGS_ENV, WorkerTimings  # noqa: E402
-from bench.scale import build_dataset, follow, submit, timeline, worker_process  # noqa: E402
+from bench.scale import (  # noqa: E402
+    build_dataset,
+    follow,
+    submit,
+    table_sizes,
+    timeline,
+    worker_process,
+)
 from bench.upload_export import (  # noqa: E402
     MB,
     MemorySampler,
@@ -115,6 +123,10 @@ class Run:
     engine_calls: int
     categories: dict[str, int]
     worker_vm_hwm_mb: float
+    verdict_bytes_per_example: float
+    """The growth of the `verdict` table (with its indexes and TOAST), by example."""
+    generation_bytes_per_example: float
+    """The growth of the generation cache, by example."""
     profile: list[Frame] = field(default_factory=list)
 
 
@@ -221,6 +233,7 @@ def run_mode(
         profiler = None
         if profile_dir is not None:
             profiler = start_profiler(worker.pid, profile_dir / f"{mode}.txt")
+        sizes_before = table_sizes(database_url)
         load_before = load()
         cpu_before = sampler.process.cpu_times()
         config = AuditConfig(mode=mode, seed=SEEDS[mode])
@@ -235,6 +248,8 @@ def run_mode(
     timings = WorkerTimings(**json.loads(timings_path.read_text()))
     steps = timeline(database_url, job_id)
     categories = check_report(client, job_id, examples)
+    sizes = table_sizes(database_url)
+    growth = {table: (sizes[table] - sizes_before[table]) / examples for table in sizes}
     job_s = steps.run_s + steps.finalize_s
     profile = []
     if profile_dir is not None:
@@ -266,6 +281,8 @@ def run_mode(
         engine_calls=steps.engine_calls,
         categories=categories,
         worker_vm_hwm_mb=worker_vm_hwm / MB,
+        verdict_bytes_per_example=growth["verdict"],
+        generation_bytes_per_example=growth["generation"],
         profile=profile,
     )
 
@@ -332,7 +349,7 @@ def table(result: Result) -> str:
         f"{'mode':<9} {'load':>9} {'generations':>12} {'job s':>7} {'gen/s':>9} {'ex/s':>7} "
         f"{'busy s':>7} {'gen/s busy':>10} {'scoring s':>9} {'gen/s -scoring':>14} "
         f"{'busy cpu s':>10} {'scoring cpu s':>13} {'gen/cpu s -scoring':>18} "
-        f"{'cache+engine s':>14} {'cpu s':>6}",
+        f"{'cache+engine s':>14} {'cpu s':>6} {'verdict B/ex':>12} {'cache B/ex':>10}",
     ]
     for r in result.runs:
         lines.append(
@@ -341,7 +358,8 @@ def table(result: Result) -> str:
             f"{r.busy_s:>7.1f} {r.busy_generations_per_s:>10,.0f} {r.scoring_s:>9.1f} "
             f"{r.generations_per_s_without_scoring:>14,.0f} {r.busy_cpu_s:>10.1f} "
             f"{r.scoring_cpu_s:>13.1f} {r.generations_per_cpu_s_without_scoring:>18,.0f} "
-            f"{r.cache_and_engine_s:>14.1f} {r.worker_cpu_s:>6.1f}"
+            f"{r.cache_and_engine_s:>14.1f} {r.worker_cpu_s:>6.1f} "
+            f"{r.verdict_bytes_per_example:>12,.0f} {r.generation_bytes_per_example:>10,.0f}"
         )
     for r in result.runs:
         if r.profile:

@@ -115,24 +115,26 @@ def claim_chunk(
     return ClaimedChunk(*row) if row else None
 
 
-HELD_JOB_STATUS = select(Job.status).where(
-    Job.id == bindparam("job_id"),
-    exists().where(
-        Chunk.job_id == bindparam("job_id"),
-        Chunk.index == bindparam("index"),
-        Chunk.claimed_by == bindparam("worker"),
-        Chunk.status == ChunkStatus.PENDING,
-    ),
+HELD_JOB_STATUS = """
+SELECT job.status FROM job
+WHERE job.id = %(job_id)s AND EXISTS (
+    SELECT FROM chunk
+    WHERE chunk.job_id = %(job_id)s AND chunk.index = %(index)s
+        AND chunk.claimed_by = %(worker)s AND chunk.status = 'pending'
 )
-"""Built once: it is read between every two engine calls."""
+"""
 
 
 def held_job_status(connection: Connection, chunk: ClaimedChunk, worker: str) -> JobStatus | None:
     """The job's status while `worker` still holds the chunk, else None: what `renew_lease`
-    tells, read without renewing."""
-    return connection.scalar(
-        HELD_JOB_STATUS, {"job_id": chunk.job_id, "index": chunk.index, "worker": worker}
+    tells, read without renewing. In SQL for psycopg alone: it runs between every two engine
+    calls, and through SQLAlchemy it costs the worker two to three times the CPU."""
+    row = (
+        driver_connection(connection)
+        .execute(HELD_JOB_STATUS, {"job_id": chunk.job_id, "index": chunk.index, "worker": worker})
+        .fetchone()
     )
+    return JobStatus(row[0]) if row else None
 
 
 def renew_lease(
