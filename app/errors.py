@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class HTTPError(Exception):
@@ -51,13 +51,14 @@ class TooManyRequests(HTTPError):
 
 
 class InvalidField(Unprocessable):
-    """A request body field refused by a check its schema cannot make (it needs a setting, the
-    dataset or DNS), answered in FastAPI's validation-error shape, as the routes document 422.
+    """A request field refused by a check its schema cannot make (it needs a setting, the
+    database or DNS), answered in FastAPI's validation-error shape, as the routes document 422.
+    `location` is where the field is: `body` or `query`.
     """
 
-    def __init__(self, field: Sequence[str], detail: str) -> None:
+    def __init__(self, field: Sequence[str], detail: str, location: str = "body") -> None:
         super().__init__(detail)
-        self.loc = ["body", *field]
+        self.loc = [location, *field]
 
     def content(self) -> dict[str, Any]:
         return {"detail": [{"type": "value_error", "loc": self.loc, "msg": self.detail}]}
@@ -71,11 +72,52 @@ class ErrorRead(BaseModel):
     detail: str
 
 
+class FieldErrorRead(BaseModel):
+    loc: list[str | int] = Field(description="Where: `body`, `query`, ..., then the field.")
+    msg: str
+    type: str
+
+
+class ValidationErrorRead(BaseModel):
+    """FastAPI's answer to a request that fails validation (422)."""
+
+    detail: list[FieldErrorRead]
+
+
 Responses = dict[int | str, dict[str, Any]]
 """Documented error answers of a route, for OpenAPI."""
 
+UNPARSABLE: Responses = {
+    400: {
+        "model": ErrorRead,
+        "description": "The body could not be parsed (JSON that is not UTF-8, a form that is not"
+        " multipart).",
+    }
+}
 NOT_FOUND: Responses = {404: {"model": ErrorRead, "description": "No such resource."}}
+UNAVAILABLE: Responses = {
+    503: {
+        "model": ErrorRead,
+        "description": "The database is busy or unreachable; retry after `Retry-After` seconds.",
+    }
+}
 AUTH: Responses = {
     401: {"model": ErrorRead, "description": "No API key, or an unknown or revoked one."},
     429: {"model": ErrorRead, "description": "Too many requests with this key; see Retry-After."},
 }
+
+
+def as_json(responses: Responses) -> Responses:
+    """The answers documented as JSON on a route whose own answer is not (a page): FastAPI
+    documents a `model` in the media type of the route's answer."""
+    return {
+        status: {
+            "description": response["description"],
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{response['model'].__name__}"}
+                }
+            },
+        }
+        for status, response in responses.items()
+    }

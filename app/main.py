@@ -18,12 +18,13 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sqlalchemy_errors
 from sqlalchemy import text
 from starlette.datastructures import Headers
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.datasets.domain import DatasetError
 from app.datasets.router import router as datasets_router
 from app.deps import UPLOAD_WORKSPACE, SessionDep, SettingsDep, authorize_early, overridden
-from app.errors import ErrorRead, HTTPError
+from app.errors import UNAVAILABLE, HTTPError
 from app.jobs.router import router as jobs_router
 from app.logs import job_logging
 from app.metrics import router as metrics_router
@@ -113,6 +114,22 @@ def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
     return unavailable(detail)
 
 
+def method_not_allowed(request: Request, exc: Exception) -> JSONResponse:
+    """405 naming in `Allow` every method the path takes: FastAPI makes a route per method, and
+    Starlette names only those of the first route on the path."""
+    methods = {
+        method
+        for route in request.app.router.routes
+        if isinstance(route, Route) and route.matches(request.scope)[0] != Match.NONE
+        for method in route.methods or ()
+    }
+    return JSONResponse(
+        {"detail": "Method Not Allowed"},
+        status_code=405,
+        headers={"Allow": ", ".join(sorted(methods))},
+    )
+
+
 def unavailable(detail: str) -> JSONResponse:
     return JSONResponse(
         {"detail": detail}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
@@ -144,19 +161,14 @@ def create_app() -> FastAPI:
             {"name": "workspace", "description": "The workspace of the request's API key."},
             {"name": "health", "description": "Liveness, readiness and metrics; no key needed."},
         ],
-        responses={
-            503: {
-                "model": ErrorRead,
-                "description": "The database is busy or unreachable; retry after `Retry-After` "
-                "seconds.",
-            }
-        },
+        responses=UNAVAILABLE,
     )
     app.add_exception_handler(HTTPError, http_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(sqlalchemy_errors.TimeoutError, database_unavailable)
     app.add_exception_handler(sqlalchemy_errors.OperationalError, database_unavailable)
     app.add_exception_handler(DatasetError, invalid_dataset)
+    app.add_exception_handler(405, method_not_allowed)
     app.include_router(datasets_router, prefix="/v1")
     app.include_router(jobs_router, prefix="/v1")
     app.include_router(workspace_router, prefix="/v1")

@@ -433,12 +433,14 @@ def test_a_report_link_opens_the_page_without_a_key(
         assert browser.get(f"/v1/jobs/{job_id}/report.html").status_code == 401
         expires, mac = link.split("access=")[1].split(".")
         forged = f"/v1/jobs/{job_id}/report.html?access={int(expires) + 3600}.{mac}"
-        assert browser.get(forged).status_code == 404
+        assert browser.get(forged).status_code == 401
         other = f"/v1/jobs/{uuid.uuid4()}/report.html?access={expires}.{mac}"
-        assert browser.get(other).status_code == 404
+        assert browser.get(other).status_code == 401
         secret = session.get_one(Workspace, session.get_one(Job, job_id).workspace_id)
         stale = page_link_token(secret.webhook_secret, job_id, time.time() - 8 * 24 * 3600)
-        assert browser.get(f"/v1/jobs/{job_id}/report.html?access={stale}").status_code == 404
+        expired = browser.get(f"/v1/jobs/{job_id}/report.html?access={stale}")
+        assert expired.status_code == 401
+        assert expired.json() == {"detail": "the link is invalid or has expired"}
 
 
 def test_report_page_in_a_browser(

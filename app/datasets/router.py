@@ -14,7 +14,7 @@ from app.datasets import service
 from app.datasets.domain import Limits, unstorable_text
 from app.datasets.schemas import DatasetPage, DatasetRead, InvalidDatasetRead, UploadFormat
 from app.deps import SessionDep, SettingsDep, WorkspaceDep
-from app.errors import AUTH, NOT_FOUND, ErrorRead
+from app.errors import AUTH, NOT_FOUND, UNPARSABLE, ErrorRead, ValidationErrorRead
 
 UPLOAD_CHUNK_BYTES = 1 << 20
 
@@ -33,11 +33,12 @@ def storable(value: Any) -> Any:
     status_code=201,
     summary="Upload a dataset",
     responses={
+        **UNPARSABLE,
         422: {
-            "model": InvalidDatasetRead,
+            "model": InvalidDatasetRead | ValidationErrorRead,
             "description": "Invalid lines, with their numbers and reasons; nothing was stored."
-            " (An invalid form field, `name` or the file's name, answers FastAPI's usual"
-            " validation error.)",
+            " (A missing file or an invalid form field, `name` or the file's name, answers"
+            " FastAPI's usual validation error.)",
         },
         413: {
             "model": ErrorRead,

@@ -15,7 +15,15 @@ from starlette.concurrency import run_in_threadpool
 from app.audit.domain import ExportPolicy
 from app.audit.schemas import Category, Report
 from app.deps import CredentialsDep, QueueDep, SessionDep, SettingsDep, WorkspaceDep, authorize
-from app.errors import AUTH, NOT_FOUND, ErrorRead, Responses
+from app.errors import (
+    AUTH,
+    NOT_FOUND,
+    UNAVAILABLE,
+    UNPARSABLE,
+    ErrorRead,
+    Responses,
+    as_json,
+)
 from app.jobs import service
 from app.jobs.schemas import ConflictPage, ExamplePage, JobCreate, JobPage, JobRead
 from app.models import JobStatus
@@ -44,7 +52,11 @@ def conflict(description: str) -> Responses:
     "",
     status_code=202,
     summary="Submit an audit job",
-    responses={**NOT_FOUND, **conflict("The Idempotency-Key was used for another submission.")},
+    responses={
+        **UNPARSABLE,
+        **NOT_FOUND,
+        **conflict("The Idempotency-Key was used for another submission."),
+    },
 )
 def create_job(
     session: SessionDep,
@@ -238,7 +250,9 @@ def get_report(session: SessionDep, workspace: WorkspaceDep, job_id: uuid.UUID) 
     "/{job_id}/report.html",
     summary="Get a job's report as a page",
     response_class=HTMLResponse,
-    responses={**NOT_FOUND, **conflict("The job is queued or running.")},
+    responses=as_json(
+        {**AUTH, **NOT_FOUND, **conflict("The job is queued or running."), **UNAVAILABLE}
+    ),
 )
 def get_report_page(
     session: SessionDep,

@@ -25,7 +25,7 @@ from app.audit.domain import (
 from app.audit.schemas import Audit, AuditConfig, Category, ConflictRead, Report
 from app.datasets import service as datasets_service
 from app.datasets.domain import parse_record
-from app.errors import Conflict, InvalidField, NotFound, Unprocessable
+from app.errors import Conflict, InvalidField, NotFound, Unauthorized
 from app.jobs import lifecycle, report_page, repository
 from app.jobs.schemas import (
     ConflictPage,
@@ -211,7 +211,7 @@ def list_jobs(
     if cursor is not None:
         after = repository.get_job(session, cursor)
         if after is None or after.workspace_id != workspace.id:
-            raise Unprocessable(f"cursor {cursor} names no job")
+            raise InvalidField(["cursor"], f"cursor {cursor} names no job", location="query")
     jobs = repository.list_jobs(session, workspace.id, status, after, limit + 1)
     page = jobs[:limit]
     next_cursor = page[-1].id if len(jobs) > limit else None
@@ -422,13 +422,14 @@ def get_report_page(session: Session, workspace: Workspace, job_id: uuid.UUID) -
 
 
 def get_report_page_by_link(session: Session, job_id: uuid.UUID, access: str) -> str:
-    """The page for a browser, which has no key: the link's token stands for it."""
+    """The page for a browser, which has no key: the link's token stands for it. A token that
+    does not open this job's page answers 401, whether the job exists or not."""
     job = repository.get_job(session, job_id)
     if job is not None:
         workspace = session.get_one(Workspace, job.workspace_id)
         if page_link_opens(workspace.webhook_secret, job.id, access, time.time()):
             return get_report_page(session, workspace, job_id)
-    raise NotFound(f"job {job_id} not found, or the link has expired")
+    raise Unauthorized("the link is invalid or has expired")
 
 
 def _flagged_row(
