@@ -99,14 +99,23 @@ class AuditConfig(BaseModel):
     shots: int = Field(4, ge=0, le=32, description="Exemplars per prompt.")
     samples: int = Field(16, ge=0, le=1024, description="Sampled answers per prompt.")
     temperature: float = Field(0.5, gt=0.0, le=2.0, description="Sampling temperature.")
-    top_k: int = Field(40, ge=-1, le=1000, description="Top-k for samples; -1 turns it off.")
+    top_k: int = Field(
+        40,
+        ge=-1,
+        le=1000,
+        description="Top-k for samples; -1 turns it off.",
+        json_schema_extra={"not": {"const": 0}},
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling for samples.")
     max_new_tokens: int = Field(32, ge=1, le=512, description="Longest answer, in tokens.")
     matcher: Matcher = "normalized_exact"
     f1_threshold: float = Field(0.5, gt=0.0, le=1.0, description="For matcher token_f1.")
     mode: Mode = Field("adaptive", description="adaptive: same categories, fewer generations.")
     flag_categories: tuple[Category, ...] = Field(
-        (Category.UNKNOWN,), min_length=1, description="Categories that are flagged; no repeats."
+        (Category.UNKNOWN,),
+        min_length=1,
+        description="Categories that are flagged; no repeats.",
+        json_schema_extra={"uniqueItems": True},
     )
     student_answer_min_agreement: float = Field(0.9, ge=0.0, le=1.0)
     idk_text: str = Field("I don't know.", min_length=1, max_length=1000)
