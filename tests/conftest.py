@@ -13,8 +13,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
+import schemathesis
 from fastapi import FastAPI
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -143,6 +145,18 @@ def new_workspace(session: Session, name: str | None = None) -> uuid.UUID:
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def assert_documented(app: FastAPI, operation: str, response: httpx.Response) -> None:
+    """The answer is one the app's published schema documents for the operation (such as
+    `GET /v1/jobs/{job_id}`): its status code, its content type, and a body that matches."""
+    method, path = operation.split(" ")
+    spec = app.openapi()
+    responses = spec["paths"][path][method.lower()]["responses"]
+    assert str(response.status_code) in responses, f"{operation} does not document {response}"
+    content_type = response.headers["content-type"].split(";")[0]
+    assert content_type in responses[str(response.status_code)]["content"]
+    schemathesis.openapi.from_dict(spec)[path][method].validate_response(response)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from app.datasets import router as datasets_router
 from app.models import Dataset, Example
 from app.settings import Settings, get_settings
-from tests.conftest import SHARED_DATA, bearer
+from tests.conftest import SHARED_DATA, assert_documented, bearer
 
 MAX_ERRORS = 3
 
@@ -201,6 +201,43 @@ def test_get_dataset_errors(client: TestClient) -> None:
     assert missing.status_code == 404
     assert "not found" in missing.json()["detail"]
     assert client.get("/v1/datasets/not-a-uuid").status_code == 422
+
+
+def test_a_cursor_that_names_no_dataset_answers_the_documented_422(
+    client: TestClient, api: FastAPI
+) -> None:
+    cursor = str(uuid.uuid4())
+    response = client.get("/v1/datasets", params={"cursor": cursor})
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["query", "cursor"]
+    assert error["msg"] == f"cursor {cursor} names no dataset"
+    assert_documented(api, "GET /v1/datasets", response)
+
+
+def test_an_upload_refused_answers_one_of_the_documented_422s(
+    client: TestClient, api: FastAPI
+) -> None:
+    no_file = client.post("/v1/datasets", data={"name": "teacher"})
+    assert no_file.status_code == 422
+    assert no_file.json()["detail"][0]["loc"] == ["body", "file"]
+    assert_documented(api, "POST /v1/datasets", no_file)
+    invalid_line = upload(client, b'{"question": "Q?"}\n')
+    assert invalid_line.status_code == 422
+    assert invalid_line.json()["detail"]["errors"][0]["line"] == 1
+    assert_documented(api, "POST /v1/datasets", invalid_line)
+
+
+def test_a_body_that_is_not_a_multipart_form_answers_the_documented_400(
+    client: TestClient, api: FastAPI, session: Session
+) -> None:
+    before = stored(session)
+    response = client.post(
+        "/v1/datasets", content=FIRST, headers={"content-type": "multipart/form-data"}
+    )
+    assert response.status_code == 400
+    assert_documented(api, "POST /v1/datasets", response)
+    assert stored(session) == before
 
 
 # --- what a dataset cannot hold, and the limits ---------------------------------------------------

@@ -29,7 +29,7 @@ from app.queue import WORK, QueueUnavailable, get_queue
 from app.settings import Settings, get_settings
 from kma.cli.processes import free_port
 from kma.client import Client, IncompleteExport
-from tests.conftest import bearer
+from tests.conftest import assert_documented, bearer
 
 RECORDS = [
     {"id": "a", "question": "Capital of Zorvania?", "answer": "Quell", "group": "P36"},
@@ -380,6 +380,26 @@ def test_a_refusal_matches_the_documented_422(client: TestClient, dataset_id: st
     assert set(item["required"]) <= set(error) <= set(item["properties"])
 
 
+def test_the_options_schema_says_what_is_refused(client: TestClient) -> None:
+    """Repeated flag categories and top_k 0 are refused (see above); the schema says so."""
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    fields = schemas["AuditConfig"]["properties"]
+    assert fields["flag_categories"]["uniqueItems"] is True
+    assert fields["top_k"]["not"] == {"const": 0}
+
+
+def test_a_body_that_is_not_utf8_answers_the_documented_400(
+    client: TestClient, api: FastAPI, events: list[Any]
+) -> None:
+    response = client.post(
+        "/v1/jobs", content=b'{"student": "\xff"}', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json() == {"detail": "There was an error parsing the body"}
+    assert_documented(api, "POST /v1/jobs", response)
+    assert events == []
+
+
 def test_submit_to_an_unknown_dataset(client: TestClient, events: list[Any]) -> None:
     response = client.post("/v1/jobs", json={"dataset_id": str(uuid.uuid4()), "student": "tiny"})
     assert response.status_code == 404
@@ -427,8 +447,18 @@ def test_list_newest_first_filtered_and_paginated(
 
     for params in ({"limit": 0}, {"limit": 201}, {"status": "done"}, {"cursor": "x"}):
         assert client.get("/v1/jobs", params=params).status_code == 422
-    unknown = client.get("/v1/jobs", params={"cursor": str(uuid.uuid4())})
-    assert unknown.status_code == 422
+
+
+def test_a_cursor_that_names_no_job_answers_the_documented_422(
+    client: TestClient, api: FastAPI
+) -> None:
+    cursor = str(uuid.uuid4())
+    response = client.get("/v1/jobs", params={"cursor": cursor})
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["query", "cursor"]
+    assert error["msg"] == f"cursor {cursor} names no job"
+    assert_documented(api, "GET /v1/jobs", response)
 
 
 # --- cancel -------------------------------------------------------------------------------------
@@ -799,6 +829,27 @@ def test_conflicts_refuse_bad_parameters(
 
 def test_conflicts_of_an_unknown_job(client: TestClient) -> None:
     assert client.get(f"/v1/jobs/{uuid.uuid4()}/conflicts").status_code == 404
+
+
+# --- methods ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/v1/jobs", {"GET", "POST"}),
+        (f"/v1/jobs/{uuid.uuid4()}", {"GET", "DELETE"}),
+        (f"/v1/jobs/{uuid.uuid4()}/cancel", {"POST"}),
+    ],
+)
+def test_a_method_a_path_does_not_take_answers_405_naming_those_it_does(
+    client: TestClient, path: str, allowed: set[str]
+) -> None:
+    for method in ("PUT", "PATCH", "OPTIONS", "TRACE"):
+        response = client.request(method, path)
+        assert response.status_code == 405
+        assert set(response.headers["Allow"].split(", ")) == allowed
+        assert response.json() == {"detail": "Method Not Allowed"}
 
 
 # --- health -------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from app.models import Example as ExampleRow
 from app.models import Verdict as VerdictRow
 from app.students.schemas import Student
 from app.workspaces.domain import page_link_token
-from tests.conftest import TEST_WORKSPACE, bearer, new_workspace
+from tests.conftest import TEST_WORKSPACE, assert_documented, bearer, new_workspace
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -211,7 +211,7 @@ def client(api: FastAPI, api_key: str) -> Iterator[TestClient]:
         yield client
 
 
-def test_report_page_waits_for_the_job(client: TestClient, session: Session) -> None:
+def test_report_page_waits_for_the_job(api: FastAPI, client: TestClient, session: Session) -> None:
     job_id = insert_audited_job(session)
     job = session.get_one(Job, job_id)
     job.status, job.report, job.finished_at = JobStatus.RUNNING, None, None
@@ -219,7 +219,11 @@ def test_report_page_waits_for_the_job(client: TestClient, session: Session) -> 
     response = client.get(f"/v1/jobs/{job_id}/report.html")
     assert response.status_code == 409
     assert "running" in response.json()["detail"]
-    assert client.get(f"/v1/jobs/{uuid.uuid4()}/report.html").status_code == 404
+    missing = client.get(f"/v1/jobs/{uuid.uuid4()}/report.html")
+    assert missing.status_code == 404
+    for answer in (response, missing):  # errors are JSON, documented so, though the page is not
+        assert answer.headers["content-type"] == "application/json"
+        assert_documented(api, "GET /v1/jobs/{job_id}/report.html", answer)
 
 
 def test_report_page_shows_the_audit(client: TestClient, session: Session) -> None:
@@ -433,7 +437,9 @@ def test_a_report_link_opens_the_page_without_a_key(
         assert browser.get(f"/v1/jobs/{job_id}/report.html").status_code == 401
         expires, mac = link.split("access=")[1].split(".")
         forged = f"/v1/jobs/{job_id}/report.html?access={int(expires) + 3600}.{mac}"
-        assert browser.get(forged).status_code == 401
+        refused = browser.get(forged)
+        assert refused.status_code == 401
+        assert_documented(api, "GET /v1/jobs/{job_id}/report.html", refused)
         other = f"/v1/jobs/{uuid.uuid4()}/report.html?access={expires}.{mac}"
         assert browser.get(other).status_code == 401
         secret = session.get_one(Workspace, session.get_one(Job, job_id).workspace_id)
