@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
@@ -53,10 +53,11 @@ class TooManyRequests(HTTPError):
 class InvalidField(Unprocessable):
     """A request field refused by a check its schema cannot make (it needs a setting, the
     database or DNS), answered in FastAPI's validation-error shape, as the routes document 422.
-    `location` is where the field is: `body` or `query`.
     """
 
-    def __init__(self, field: Sequence[str], detail: str, location: str = "body") -> None:
+    def __init__(
+        self, field: Sequence[str], detail: str, location: Literal["body", "query"] = "body"
+    ) -> None:
         super().__init__(detail)
         self.loc = [location, *field]
 
@@ -98,7 +99,8 @@ NOT_FOUND: Responses = {404: {"model": ErrorRead, "description": "No such resour
 UNAVAILABLE: Responses = {
     503: {
         "model": ErrorRead,
-        "description": "The database is busy or unreachable; retry after `Retry-After` seconds.",
+        "description": "The API or its database is busy, or the database unreachable; retry"
+        " after `Retry-After` seconds.",
     }
 }
 AUTH: Responses = {

@@ -5,13 +5,14 @@ phase: each field's boundaries and wrong types; then random ones), and sends the
 process, on a real PostgreSQL and Redis, with an API key. No answer may be a server error, and
 each must be what the schema documents: its status code, content type, headers and body (all of
 Schemathesis' checks, auth enforcement included: a request whose case breaks the key, or sent
-again without it, must answer 401). Valid ids name a seeded dataset and its jobs (succeeded,
-queued, cancelled) more often than not, and valid uploads and submissions carry real JSONL and
-a registered student, so requests reach past the 404s and 422s.
+again without it, must answer 401; only `JUDGED_ON_CONTENT` may refuse a schema-valid request).
+Valid ids name a seeded dataset and its jobs (succeeded, queued, cancelled) more often than
+not, and valid uploads and submissions carry real JSONL and a registered student, so requests
+reach past the 404s and 422s. A second test chains requests along the links Schemathesis infers.
 
 Derandomized: CI sends the same requests every run. `KMA_FUZZ_EXAMPLES` sets the random
-examples per operation (default 20), e.g. `KMA_FUZZ_EXAMPLES=2000` for a long run. The requests
-made are printed at the end, by operation and status code.
+examples per operation and the workflows (default 20), e.g. `KMA_FUZZ_EXAMPLES=1000` for a long
+run. The requests made are printed at the end, by operation and status code.
 """
 
 from __future__ import annotations
