@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
@@ -69,7 +69,9 @@ class InvalidFields(Unprocessable):
 class InvalidField(InvalidFields):
     """One request field refused; `location` is where it is: `body` or `query`."""
 
-    def __init__(self, field: Sequence[str], detail: str, location: str = "body") -> None:
+    def __init__(
+        self, field: Sequence[str], detail: str, location: Literal["body", "query"] = "body"
+    ) -> None:
         super().__init__([([location, *field], detail)])
 
 
@@ -115,7 +117,8 @@ NOT_FOUND: Responses = {404: {"model": ErrorRead, "description": "No such resour
 UNAVAILABLE: Responses = {
     503: {
         "model": ErrorRead,
-        "description": "The database is busy or unreachable; retry after `Retry-After` seconds.",
+        "description": "The API or its database is busy, or the database unreachable; retry"
+        " after `Retry-After` seconds.",
     }
 }
 AUTH: Responses = {

@@ -5,13 +5,14 @@ phase: each field's boundaries and wrong types; then random ones), and sends the
 process, on a real PostgreSQL and Redis, with an API key. No answer may be a server error, and
 each must be what the schema documents: its status code, content type, headers and body (all of
 Schemathesis' checks, auth enforcement included: a request whose case breaks the key, or sent
-again without it, must answer 401). Valid ids name a seeded dataset and its jobs (succeeded,
-queued, cancelled) more often than not, and valid uploads and submissions carry real JSONL and
-a registered student, so requests reach past the 404s and 422s.
+again without it, must answer 401; only `JUDGED_ON_CONTENT` may refuse a schema-valid request).
+Valid ids name a seeded dataset and its jobs (succeeded, queued, cancelled) more often than
+not, and valid uploads and submissions carry real JSONL and a registered student, so requests
+reach past the 404s and 422s. A second test chains requests along the links Schemathesis infers.
 
 Derandomized: CI sends the same requests every run. `KMA_FUZZ_EXAMPLES` sets the random
-examples per operation (default 20), e.g. `KMA_FUZZ_EXAMPLES=2000` for a long run. The requests
-made are printed at the end, by operation and status code.
+examples per operation and the workflows (default 20), e.g. `KMA_FUZZ_EXAMPLES=1000` for a long
+run. The requests made are printed at the end, by operation and status code.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from schemathesis.core.parameters import ParameterLocation
-from sqlalchemy import Engine
+from schemathesis.generation.meta import TestPhase
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import make_engine, session_scope
@@ -108,11 +110,12 @@ def flatmap_case(
     """Valid parts of a random case are made to matter, each more often than not: ids name the
     seeded rows, a submission the seeded dataset and a registered student (with the default
     options and no webhook, or with the drawn ones), an upload holds JSONL. Parts the case
-    means to be invalid stay as they are."""
+    means to be invalid stay as they are, and so do the ids of a workflow's step."""
     assert case.meta is not None
     # A container of the case, with the values that may be put over it.
     overlays: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
-    if not case.meta.is_negative_at(ParameterLocation.PATH):
+    linked = case.meta.phase.name == TestPhase.STATEFUL  # its path holds an answer's id
+    if not case.meta.is_negative_at(ParameterLocation.PATH) and not linked:
         if "dataset_id" in case.path_parameters:
             overlays.append((case.path_parameters, [{"dataset_id": seeded.dataset_id}]))
         if "job_id" in case.path_parameters:
@@ -209,9 +212,13 @@ def summary(seconds: float) -> str:
 
 @pytest.fixture
 def seed(served: Engine) -> None:
-    """A dataset with a succeeded, a queued and a cancelled job, fresh for each operation (its
-    cases may delete them)."""
-    with Session(served) as session:
+    """Fresh rows for each operation: its cases may delete them."""
+    seed_rows(served)
+
+
+def seed_rows(engine: Engine) -> None:
+    """A dataset with a succeeded, a queued and a cancelled job."""
+    with Session(engine) as session:
         succeeded = insert_audited_job(session)
         dataset_id = str(session.get_one(Job, succeeded).dataset_id)
     with TestClient(app, headers=bearer(KEY)) as client:
@@ -234,3 +241,26 @@ def seed(served: Engine) -> None:
 )
 def test_every_operation_answers_as_documented(case: schemathesis.Case) -> None:
     case.call_and_validate()
+
+
+def test_workflows_answer_as_documented(served: Engine) -> None:
+    """Requests chained by the links Schemathesis infers from the schema: an upload's id to its
+    reads and its delete, a job's id to its cancel, examples, export, report and delete."""
+
+    class Workflow(schema.as_state_machine()):
+        def setup(self) -> None:
+            """Each workflow starts on the same rows, so that Hypothesis can replay it."""
+            with served.begin() as connection:
+                connection.execute(text("TRUNCATE dataset, job CASCADE"))
+            seed_rows(served)
+
+    Workflow.run(
+        settings=settings(
+            max_examples=EXAMPLES,
+            stateful_step_count=6,
+            derandomize=True,
+            database=None,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        )
+    )
