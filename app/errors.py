@@ -79,8 +79,7 @@ class InvalidQuery(InvalidField):
     """A query parameter refused by a check its type cannot make, in the same shape."""
 
     def __init__(self, name: str, detail: str) -> None:
-        super().__init__([name], detail)
-        self.loc = ["query", name]
+        super().__init__([name], detail, location="query")
 
 
 class ServiceUnavailable(HTTPError):

@@ -130,8 +130,11 @@ def set_status(session: Session, job_id: str, status: JobStatus, **values: Any) 
     return job
 
 
-def add_verdicts(session: Session, job_id: str, audits: list[Audit]) -> None:
-    """Verdicts for the job's first examples, in order, as a worker writes them."""
+def add_verdicts(
+    session: Session, job_id: str, audits: list[Audit], *, counted: bool = True
+) -> None:
+    """Verdicts for the job's first examples, in order, as a worker writes them; `counted`:
+    with the job's counters, as one chunk of them would add."""
     session.add_all(
         Verdict(
             job_id=uuid.UUID(job_id),
@@ -144,6 +147,12 @@ def add_verdicts(session: Session, job_id: str, audits: list[Audit]) -> None:
         )
         for position, a in enumerate(audits)
     )
+    if counted:
+        session.flush()
+        chunk = Chunk(
+            job_id=uuid.UUID(job_id), start=0, stop=len(audits), generations=0, cached_generations=0
+        )
+        jobs_repository.count_chunk(session, chunk)
 
 
 @pytest.fixture
@@ -152,7 +161,7 @@ def audited(client: TestClient, session: Session, dataset_id: str) -> str:
     writes them."""
     job_id = submit(client, dataset_id, config={"idk_text": IDK})["id"]
     set_status(session, job_id, JobStatus.RUNNING, started_at=utcnow() - timedelta(seconds=100))
-    add_verdicts(session, job_id, AUDITS)
+    add_verdicts(session, job_id, AUDITS, counted=False)
     for i in range(2):
         chunk = Chunk(
             job_id=uuid.UUID(job_id),

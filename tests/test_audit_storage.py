@@ -165,8 +165,9 @@ def test_the_migration_compacts_stored_answers_and_back(
         ).fetchone()
         job = conn.execute(
             "INSERT INTO job (id, workspace_id, dataset_id, status, student, config, total, "
-            "created_at) VALUES (gen_random_uuid(), %s, %s, 'running', '{}', '{}', 2, now()) "
-            "RETURNING id",
+            "created_at, done, highly_known, maybe_known, weakly_known, unknown, flagged, "
+            "generations, cached_generations) VALUES (gen_random_uuid(), %s, %s, 'running', "
+            "'{}', '{}', 2, now(), 0, 0, 0, 0, 0, 0, 0, 0) RETURNING id",
             (workspace[0], dataset[0]),
         ).fetchone()
         for position, answers in enumerate(old):

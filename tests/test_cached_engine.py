@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from itertools import count
 
+from app.audit.domain import Message
 from workers.engines.base import GenerationRequest, GenerationResult, SamplingOptions
 from workers.engines.cached import CachedEngine
 from workers.engines.fake import FakeEngine
@@ -82,10 +83,12 @@ def test_greedy_answers_are_one_entry_however_often_asked() -> None:
     assert len(engine.calls) == 1
 
 
-def test_namespaces_and_options_keep_entries_apart() -> None:
+def test_namespaces_options_and_chat_prompts_keep_entries_apart() -> None:
     engine, store = numbered_engine(), DictStore()
     CachedEngine(engine, store, namespace="a").generate([GenerationRequest("p", GREEDY)])
     CachedEngine(engine, store, namespace="b").generate([GenerationRequest("p", GREEDY)])
-    chat = SamplingOptions(chat=True)
-    CachedEngine(engine, store, namespace="a").generate([GenerationRequest("p", chat)])
-    assert len(engine.calls) == 3 and len(store.rows) == 3
+    longer = SamplingOptions(max_tokens=GREEDY.max_tokens + 1)
+    CachedEngine(engine, store, namespace="a").generate([GenerationRequest("p", longer)])
+    chat = (Message("user", "p"),)
+    CachedEngine(engine, store, namespace="a").generate([GenerationRequest(chat, GREEDY)])
+    assert len(engine.calls) == 4 and len(store.rows) == 4

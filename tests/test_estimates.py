@@ -28,7 +28,7 @@ from app.estimates.schemas import Bounds, Estimate
 from app.estimates.service import estimate_job
 from app.jobs import service as jobs_service
 from app.jobs.schemas import JobCreate
-from app.models import Dataset, Example, Job
+from app.models import Dataset, Example, Job, Workspace
 from app.queue import get_queue
 from app.settings import Settings, get_settings
 from app.students.schemas import RegisteredStudent
@@ -106,7 +106,8 @@ def run_job(
     sessions: sessionmaker[Session], workspace_id: uuid.UUID, submission: JobCreate
 ) -> Report:
     with sessions.begin() as session:
-        job, _ = jobs_service.create_job(session, workspace_id, submission, FAKE)
+        workspace = session.get_one(Workspace, workspace_id)
+        job, _ = jobs_service.create_job(session, workspace, submission, FAKE)
     engine = FakeEngine(knows_even_numbers)
     run_all(make_worker(sessions, lambda student: engine))
     with sessions() as session:

@@ -33,8 +33,9 @@ from app.audit.schemas import (
     SuggestedAction,
 )
 from app.datasets.domain import Example, parse_record
+from app.jobs import repository as jobs_repository
 from app.jobs import service
-from app.models import Dataset, Decision, Job, JobStatus, Review, Workspace, utcnow
+from app.models import Chunk, Dataset, Decision, Job, JobStatus, Review, Workspace, utcnow
 from app.models import Example as ExampleRow
 from app.models import Verdict as VerdictRow
 from app.students.schemas import Student
@@ -153,6 +154,9 @@ def insert_audited_job(session: Session) -> uuid.UUID:
                 answers={},
             )
         )
+    session.flush()
+    chunk = Chunk(job_id=job.id, start=0, stop=len(AUDITED), generations=420, cached_generations=12)
+    jobs_repository.count_chunk(session, chunk)
     session.commit()
     return job.id
 

@@ -8,15 +8,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import HTMLResponse, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials
 
 from app.comparisons import service
 from app.comparisons.domain import Selection
 from app.comparisons.schemas import ComparedExamplePage, Comparison
-from app.deps import SessionDep, SettingsDep, WorkspaceDep, authorize, bearer
+from app.deps import CredentialsDep, SessionDep, SettingsDep, WorkspaceDep, authorize
 from app.errors import AUTH, NOT_FOUND, ErrorRead, Responses
 from app.exports import RECORD_COUNT_HEADER
 from app.jobs.router import Limit, PositionCursor
+from app.models import Workspace
 
 router = APIRouter(prefix="/comparisons", tags=["comparisons"], responses=AUTH)
 
@@ -119,6 +119,26 @@ def export_examples(
     return export.response()
 
 
+Access = Annotated[
+    str | None,
+    Query(
+        max_length=200,
+        description="The signed token of the comparison's `links.report_html`: opens the page "
+        "in a browser, which sends no key, for 7 days.",
+    ),
+]
+
+
+def page_workspace(
+    session: SessionDep, settings: SettingsDep, credentials: CredentialsDep, access: Access = None
+) -> Workspace | None:
+    """The workspace of the request's key; None for a browser with the page's signed link.
+    Checked before the jobs named: a request without either answers 401, whatever it names."""
+    if credentials is None and access is not None:
+        return None
+    return authorize(session, settings, credentials).workspace
+
+
 @router.get(
     "/report.html",
     summary="Get the comparison as a page",
@@ -127,21 +147,13 @@ def export_examples(
 )
 def get_page(
     session: SessionDep,
-    settings: SettingsDep,
+    workspace: Annotated[Workspace | None, Depends(page_workspace)],
     job_ids: JobIds,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    access: Annotated[
-        str | None,
-        Query(
-            max_length=200,
-            description="The signed token of the comparison's `links.report_html`: opens the "
-            "page in a browser, which sends no key, for 7 days.",
-        ),
-    ] = None,
+    access: Access = None,
 ) -> HTMLResponse:
     """The comparison for people: the students' categories, the transition tables, the examples
     they disagree on."""
-    if credentials is None and access is not None:
+    if workspace is None and access is not None:
         return HTMLResponse(service.get_page_by_link(session, job_ids, access))
-    workspace = authorize(session, settings, credentials).workspace
+    assert workspace is not None
     return HTMLResponse(service.get_page(session, workspace.id, job_ids))
