@@ -57,10 +57,23 @@ as it collects the tests."""
 STUDENT = sorted(STUDENTS)[0]
 VALID_UPLOAD = "".join(json.dumps(raw) + "\n" for raw, *_ in AUDITED)
 
-JUDGED_ON_CONTENT = ["POST /v1/datasets", "POST /v1/jobs", "GET /v1/datasets", "GET /v1/jobs"]
+JUDGED_ON_CONTENT = [
+    "POST /v1/datasets",
+    "GET /v1/datasets",
+    "POST /v1/jobs",
+    "GET /v1/jobs",
+    "POST /v1/estimates",
+    "PATCH /v1/jobs/{job_id}/examples",
+    "PATCH /v1/jobs/{job_id}/examples/{position}",
+    "GET /v1/comparisons",
+    "GET /v1/comparisons/examples",
+    "GET /v1/comparisons/export",
+    "GET /v1/comparisons/report.html",
+]
 """Operations that refuse some requests their schema allows, with a documented 422: a file whose
 lines are no records, a student not registered, a webhook to a private address, a cursor that
-names no row. There a 422 for a schema-valid request is no failure."""
+names no row, a blank reviewer's answer, a list of job ids that is not one. There a 422 for a
+schema-valid request is no failure."""
 
 app = create_app()
 schema = schemathesis.openapi.from_asgi(

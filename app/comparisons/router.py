@@ -14,7 +14,7 @@ from app.comparisons import service
 from app.comparisons.domain import Selection
 from app.comparisons.schemas import ComparedExamplePage, Comparison
 from app.deps import SessionDep, SettingsDep, WorkspaceDep, authorize, bearer
-from app.errors import AUTH, NOT_FOUND, ErrorRead, Responses
+from app.errors import AUTH, NOT_FOUND, UNAVAILABLE, ErrorRead, Responses, as_json
 from app.exports import RECORD_COUNT_HEADER
 from app.jobs.router import Limit, PositionCursor
 
@@ -26,16 +26,17 @@ REFUSED: Responses = {
 }
 
 
-def job_ids(
-    jobs: Annotated[
-        str,
-        Query(
-            max_length=400,
-            description="2 to 10 job ids, separated by commas: succeeded jobs of the workspace "
-            "on one dataset, each of another student.",
-        ),
-    ],
-) -> list[uuid.UUID]:
+Jobs = Annotated[
+    str,
+    Query(
+        max_length=400,
+        description="2 to 10 job ids, separated by commas: succeeded jobs of the workspace "
+        "on one dataset, each of another student.",
+    ),
+]
+
+
+def job_ids(jobs: Jobs) -> list[uuid.UUID]:
     return service.parse_job_ids(jobs)
 
 
@@ -123,12 +124,12 @@ def export_examples(
     "/report.html",
     summary="Get the comparison as a page",
     response_class=HTMLResponse,
-    responses=REFUSED,
+    responses=as_json({**AUTH, **REFUSED, **UNAVAILABLE}),
 )
 def get_page(
     session: SessionDep,
     settings: SettingsDep,
-    job_ids: JobIds,
+    jobs: Jobs,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     access: Annotated[
         str | None,
@@ -142,6 +143,6 @@ def get_page(
     """The comparison for people: the students' categories, the transition tables, the examples
     they disagree on."""
     if credentials is None and access is not None:
-        return HTMLResponse(service.get_page_by_link(session, job_ids, access))
+        return HTMLResponse(service.get_page_by_link(session, jobs, access))
     workspace = authorize(session, settings, credentials).workspace
-    return HTMLResponse(service.get_page(session, workspace.id, job_ids))
+    return HTMLResponse(service.get_page(session, workspace.id, service.parse_job_ids(jobs)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.deps import SessionDep, SettingsDep, WorkspaceDep
-from app.errors import AUTH, NOT_FOUND
+from app.errors import AUTH, NOT_FOUND, UNPARSABLE
 from app.estimates import service
 from app.estimates.schemas import Estimate
 from app.jobs.schemas import JobCreate
@@ -13,7 +13,11 @@ from app.jobs.schemas import JobCreate
 router = APIRouter(prefix="/estimates", tags=["estimates"], responses=AUTH)
 
 
-@router.post("", summary="Estimate a job before submitting it", responses=NOT_FOUND)
+@router.post(
+    "",
+    summary="Estimate a job before submitting it",
+    responses={**UNPARSABLE, **NOT_FOUND},
+)
 def estimate_job(
     session: SessionDep, workspace: WorkspaceDep, settings: SettingsDep, job_create: JobCreate
 ) -> Estimate:
