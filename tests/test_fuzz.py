@@ -121,9 +121,9 @@ def flatmap_case(
     context: schemathesis.HookContext, case: schemathesis.Case
 ) -> st.SearchStrategy[schemathesis.Case]:
     """Valid parts of a random case are made to matter, each more often than not: ids name the
-    seeded rows, a submission the seeded dataset and a registered student (with the default
-    options and no webhook, or with the drawn ones), an upload holds JSONL. Parts the case
-    means to be invalid stay as they are, and so do the ids of a workflow's step."""
+    seeded rows, a submission or an estimate the seeded dataset and a registered student (with
+    the default options and no webhook, or with the drawn ones), an upload holds JSONL. Parts
+    the case means to be invalid stay as they are, and so do the ids of a workflow's step."""
     assert case.meta is not None
     # A container of the case, with the values that may be put over it.
     overlays: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
@@ -134,7 +134,7 @@ def flatmap_case(
         if "job_id" in case.path_parameters:
             overlays.append((case.path_parameters, [{"job_id": id_} for id_ in seeded.job_ids]))
     if isinstance(case.body, dict) and not case.meta.is_negative_at(ParameterLocation.BODY):
-        if case.operation.label == "POST /v1/jobs":
+        if case.operation.label in ("POST /v1/jobs", "POST /v1/estimates"):
             valid = {"dataset_id": seeded.dataset_id, "student": STUDENT}
             overlays.append((case.body, [valid, {**valid, "config": {}, "webhook_url": None}]))
         if case.operation.label == "POST /v1/datasets":
