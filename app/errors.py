@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
 
@@ -67,19 +67,17 @@ class InvalidFields(Unprocessable):
 
 
 class InvalidField(InvalidFields):
-    """One request field refused; `location` is where it is: `body` or `query`."""
+    """One request body field refused."""
 
-    def __init__(
-        self, field: Sequence[str], detail: str, location: Literal["body", "query"] = "body"
-    ) -> None:
-        super().__init__([([location, *field], detail)])
+    def __init__(self, field: Sequence[str], detail: str) -> None:
+        super().__init__([(["body", *field], detail)])
 
 
-class InvalidQuery(InvalidField):
+class InvalidQuery(InvalidFields):
     """A query parameter refused by a check its type cannot make, in the same shape."""
 
     def __init__(self, name: str, detail: str) -> None:
-        super().__init__([name], detail, location="query")
+        super().__init__([(["query", name], detail)])
 
 
 class ServiceUnavailable(HTTPError):

@@ -23,7 +23,7 @@ from app.models import Job, JobStatus, Workspace
 from app.queue import get_queue
 from app.settings import Settings, get_settings
 from app.workspaces.domain import page_link_token
-from tests.conftest import bearer
+from tests.conftest import assert_documented, bearer
 from tests.test_api_jobs import STUDENTS, Recorder, add_verdicts, audit, set_status
 from tests.test_report_page import Dom, cells
 
@@ -286,9 +286,12 @@ def test_the_page_compares_the_students(
         response = browser.get(link)
         assert response.status_code == 200
         assert browser.get(link.split("&access=")[0]).status_code == 401
-        assert browser.get(link.replace(a, str(uuid.uuid4()))).status_code == 404
+        assert browser.get(link.replace(a, str(uuid.uuid4()))).status_code == 401
         swapped = link.replace(f"{a},{b}", f"{b},{a}")  # signed for the jobs in their order
-        assert browser.get(swapped).status_code == 404
+        assert browser.get(swapped).status_code == 401
+        unreadable = browser.get(link.replace(f"{a},{b}", "x"))  # refused before any parsing
+        assert unreadable.status_code == 401
+        assert_documented(api, "GET /v1/comparisons/report.html", unreadable)
     page = response.text
     assert "&lt;b&gt;Where&lt;/b&gt; is Tarn?" in page and "<b>Where</b>" not in page
     dom = Dom(page)
@@ -318,7 +321,7 @@ def test_a_stale_or_foreign_page_link_opens_nothing(
     with TestClient(api) as browser:
         for token in (stale, job_link):
             url = f"/v1/comparisons/report.html?jobs={a},{b}&access={token}"
-            assert browser.get(url).status_code == 404
+            assert browser.get(url).status_code == 401
 
 
 def test_page_lists_the_first_disagreements(

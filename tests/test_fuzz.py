@@ -59,10 +59,10 @@ VALID_UPLOAD = "".join(json.dumps(raw) + "\n" for raw, *_ in AUDITED)
 
 JUDGED_ON_CONTENT = [
     "POST /v1/datasets",
-    "POST /v1/jobs",
-    "POST /v1/estimates",
     "GET /v1/datasets",
+    "POST /v1/jobs",
     "GET /v1/jobs",
+    "POST /v1/estimates",
     "PATCH /v1/jobs/{job_id}/examples",
     "PATCH /v1/jobs/{job_id}/examples/{position}",
     "GET /v1/comparisons",
@@ -72,8 +72,8 @@ JUDGED_ON_CONTENT = [
 ]
 """Operations that refuse some requests their schema allows, with a documented 422: a file whose
 lines are no records, a student not registered, a webhook to a private address, a cursor that
-names no row, a blank answer or a position not flagged, job ids that are not ids of the
-workspace's jobs. There a 422 for a schema-valid request is no failure."""
+names no row, a blank reviewer's answer, a list of job ids that is not one. There a 422 for a
+schema-valid request is no failure."""
 
 app = create_app()
 schema = schemathesis.openapi.from_asgi(
@@ -121,9 +121,9 @@ def flatmap_case(
     context: schemathesis.HookContext, case: schemathesis.Case
 ) -> st.SearchStrategy[schemathesis.Case]:
     """Valid parts of a random case are made to matter, each more often than not: ids name the
-    seeded rows, a submission the seeded dataset and a registered student (with the default
-    options and no webhook, or with the drawn ones), an upload holds JSONL. Parts the case
-    means to be invalid stay as they are, and so do the ids of a workflow's step."""
+    seeded rows, a submission or an estimate the seeded dataset and a registered student (with
+    the default options and no webhook, or with the drawn ones), an upload holds JSONL. Parts
+    the case means to be invalid stay as they are, and so do the ids of a workflow's step."""
     assert case.meta is not None
     # A container of the case, with the values that may be put over it.
     overlays: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
@@ -134,7 +134,7 @@ def flatmap_case(
         if "job_id" in case.path_parameters:
             overlays.append((case.path_parameters, [{"job_id": id_} for id_ in seeded.job_ids]))
     if isinstance(case.body, dict) and not case.meta.is_negative_at(ParameterLocation.BODY):
-        if case.operation.label == "POST /v1/jobs":
+        if case.operation.label in ("POST /v1/jobs", "POST /v1/estimates"):
             valid = {"dataset_id": seeded.dataset_id, "student": STUDENT}
             overlays.append((case.body, [valid, {**valid, "config": {}, "webhook_url": None}]))
         if case.operation.label == "POST /v1/datasets":

@@ -8,15 +8,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
 
 from app.comparisons import service
 from app.comparisons.domain import Selection
 from app.comparisons.schemas import ComparedExamplePage, Comparison
-from app.deps import CredentialsDep, SessionDep, SettingsDep, WorkspaceDep, authorize
-from app.errors import AUTH, NOT_FOUND, ErrorRead, Responses
+from app.deps import SessionDep, SettingsDep, WorkspaceDep, authorize, bearer
+from app.errors import AUTH, NOT_FOUND, UNAVAILABLE, ErrorRead, Responses, as_json
 from app.exports import RECORD_COUNT_HEADER
 from app.jobs.router import Limit, PositionCursor
-from app.models import Workspace
 
 router = APIRouter(prefix="/comparisons", tags=["comparisons"], responses=AUTH)
 
@@ -26,16 +26,17 @@ REFUSED: Responses = {
 }
 
 
-def job_ids(
-    jobs: Annotated[
-        str,
-        Query(
-            max_length=400,
-            description="2 to 10 job ids, separated by commas: succeeded jobs of the workspace "
-            "on one dataset, each of another student.",
-        ),
-    ],
-) -> list[uuid.UUID]:
+Jobs = Annotated[
+    str,
+    Query(
+        max_length=400,
+        description="2 to 10 job ids, separated by commas: succeeded jobs of the workspace "
+        "on one dataset, each of another student.",
+    ),
+]
+
+
+def job_ids(jobs: Jobs) -> list[uuid.UUID]:
     return service.parse_job_ids(jobs)
 
 
@@ -119,41 +120,29 @@ def export_examples(
     return export.response()
 
 
-Access = Annotated[
-    str | None,
-    Query(
-        max_length=200,
-        description="The signed token of the comparison's `links.report_html`: opens the page "
-        "in a browser, which sends no key, for 7 days.",
-    ),
-]
-
-
-def page_workspace(
-    session: SessionDep, settings: SettingsDep, credentials: CredentialsDep, access: Access = None
-) -> Workspace | None:
-    """The workspace of the request's key; None for a browser with the page's signed link.
-    Checked before the jobs named: a request without either answers 401, whatever it names."""
-    if credentials is None and access is not None:
-        return None
-    return authorize(session, settings, credentials).workspace
-
-
 @router.get(
     "/report.html",
     summary="Get the comparison as a page",
     response_class=HTMLResponse,
-    responses=REFUSED,
+    responses=as_json({**AUTH, **REFUSED, **UNAVAILABLE}),
 )
 def get_page(
     session: SessionDep,
-    workspace: Annotated[Workspace | None, Depends(page_workspace)],
-    job_ids: JobIds,
-    access: Access = None,
+    settings: SettingsDep,
+    jobs: Jobs,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    access: Annotated[
+        str | None,
+        Query(
+            max_length=200,
+            description="The signed token of the comparison's `links.report_html`: opens the "
+            "page in a browser, which sends no key, for 7 days.",
+        ),
+    ] = None,
 ) -> HTMLResponse:
     """The comparison for people: the students' categories, the transition tables, the examples
     they disagree on."""
-    if workspace is None and access is not None:
-        return HTMLResponse(service.get_page_by_link(session, job_ids, access))
-    assert workspace is not None
-    return HTMLResponse(service.get_page(session, workspace.id, job_ids))
+    if credentials is None and access is not None:
+        return HTMLResponse(service.get_page_by_link(session, jobs, access))
+    workspace = authorize(session, settings, credentials).workspace
+    return HTMLResponse(service.get_page(session, workspace.id, service.parse_job_ids(jobs)))

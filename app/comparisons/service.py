@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from app.comparisons.schemas import (
 )
 from app.datasets import service as datasets_service
 from app.datasets.domain import parse_record
-from app.errors import Conflict, InvalidQuery, NotFound
+from app.errors import Conflict, InvalidFields, InvalidQuery, Unauthorized
 from app.exports import Export, jsonl_chunks
 from app.jobs import repository as jobs_repository
 from app.jobs import service as jobs_service
@@ -243,11 +244,15 @@ def get_page(session: Session, workspace_id: uuid.UUID, job_ids: Sequence[uuid.U
     )
 
 
-def get_page_by_link(session: Session, job_ids: Sequence[uuid.UUID], access: str) -> str:
-    """The page for a browser, which has no key: the link's token stands for it."""
-    job = jobs_repository.get_job(session, job_ids[0])
-    if job is not None:
-        secret = session.get_one(Workspace, job.workspace_id).webhook_secret
-        if page_link_opens(secret, _page_name(job_ids), access, time.time()):
-            return get_page(session, job.workspace_id, job_ids)
-    raise NotFound("comparison not found, or the link has expired")
+def get_page_by_link(session: Session, jobs: str, access: str) -> str:
+    """The page for a browser, which has no key: the link's token stands for it. A link that
+    does not open this comparison's page (its `jobs` unreadable, its token forged, expired or
+    another page's) answers 401, as a request without a key does."""
+    with contextlib.suppress(InvalidFields):
+        job_ids = parse_job_ids(jobs)
+        job = jobs_repository.get_job(session, job_ids[0])
+        if job is not None:
+            secret = session.get_one(Workspace, job.workspace_id).webhook_secret
+            if page_link_opens(secret, _page_name(job_ids), access, time.time()):
+                return get_page(session, job.workspace_id, job_ids)
+    raise Unauthorized("the link is invalid or has expired")

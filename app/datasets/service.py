@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from app.datasets import repository
 from app.datasets.domain import DatasetError, Limits, valid_records
 from app.datasets.schemas import DatasetPage, DatasetRead, UploadFormat
-from app.errors import InvalidField, NotFound
+from app.errors import InvalidQuery, NotFound
 from app.jobs import lifecycle
 from app.models import Dataset
 
@@ -40,7 +40,7 @@ def list_datasets(
     if cursor is not None:
         after = repository.get_dataset(session, cursor)
         if after is None or after.workspace_id != workspace_id:
-            raise InvalidField(["cursor"], f"cursor {cursor} names no dataset", location="query")
+            raise InvalidQuery("cursor", f"cursor {cursor} names no dataset")
     datasets = repository.list_datasets(session, workspace_id, after, limit + 1)
     page = datasets[:limit]
     return DatasetPage(

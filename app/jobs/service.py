@@ -28,6 +28,7 @@ from app.errors import (
     Conflict,
     InvalidField,
     InvalidFields,
+    InvalidQuery,
     NotFound,
     Unauthorized,
     Unprocessable,
@@ -238,7 +239,7 @@ def list_jobs(
     if cursor is not None:
         after = repository.get_job(session, cursor)
         if after is None or after.workspace_id != workspace.id:
-            raise InvalidField(["cursor"], f"cursor {cursor} names no job", location="query")
+            raise InvalidQuery("cursor", f"cursor {cursor} names no job")
     jobs = repository.list_jobs(session, workspace.id, status, after, limit + 1)
     page = jobs[:limit]
     next_cursor = page[-1].id if len(jobs) > limit else None

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 
 from app.deps import CallerDep, SessionDep
-from app.errors import AUTH, NOT_FOUND, ErrorRead, Responses
+from app.errors import AUTH, NOT_FOUND, UNPARSABLE, ErrorRead, Responses
 from app.jobs.schemas import ExampleRead
 from app.models import POSITION_MAX
 from app.reviews import service
@@ -24,7 +24,7 @@ NOT_REVIEWABLE: Responses = {
 @router.patch(
     "/{job_id}/examples/{position}",
     summary="Review a flagged example",
-    responses={**NOT_FOUND, **NOT_REVIEWABLE},
+    responses={**UNPARSABLE, **NOT_FOUND, **NOT_REVIEWABLE},
 )
 def review_example(
     session: SessionDep,
@@ -47,7 +47,7 @@ def review_example(
 @router.patch(
     "/{job_id}/examples",
     summary="Review many flagged examples",
-    responses={**NOT_FOUND, **NOT_REVIEWABLE},
+    responses={**UNPARSABLE, **NOT_FOUND, **NOT_REVIEWABLE},
 )
 def review_examples(
     session: SessionDep, caller: CallerDep, job_id: uuid.UUID, batch: ReviewBatch
