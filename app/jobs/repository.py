@@ -6,11 +6,12 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Integer, and_, func, select, tuple_, update
+from sqlalchemy import Integer, and_, bindparam, func, select, tuple_, update
 from sqlalchemy.orm import Session, defer
 
 from app.audit.domain import VerdictTally
 from app.audit.schemas import Category, SuggestedAction
+from app.db import AsyncConnections, compiled
 from app.models import Chunk, Example, Job, JobStatus, Verdict
 
 EXPORT_BATCH = 2000
@@ -22,6 +23,24 @@ BULKY = (defer(Job.exemplar_sets), defer(Job.report))
 
 def get_job(session: Session, job_id: uuid.UUID, *, lock: bool = False) -> Job | None:
     return session.get(Job, job_id, with_for_update=lock, options=BULKY)
+
+
+POLLED_COLUMNS = tuple(
+    column for column in Job.__table__.c if column.name not in {"exemplar_sets", "report"}
+)
+"""A job's columns but its `BULKY` ones."""
+POLLED_JOB = compiled(select(*POLLED_COLUMNS).where(Job.id == bindparam("job_id")))
+
+
+async def fetch_job(connections: AsyncConnections, job_id: uuid.UUID) -> Job | None:
+    """`get_job` on the event loop: a job that belongs to no session, without its `BULKY`
+    columns."""
+    rows = await connections.fetch(POLLED_JOB, {"job_id": job_id})
+    if not rows:
+        return None
+    job = Job(**{column.key: value for column, value in zip(POLLED_COLUMNS, rows[0], strict=True)})
+    job.status = JobStatus(job.status)
+    return job
 
 
 def get_job_by_idempotency_key(session: Session, workspace_id: uuid.UUID, key: str) -> Job | None:
