@@ -37,6 +37,7 @@ from app.errors import (
 from app.exports import Export, jsonl_chunks
 from app.exports.domain import MEDIA_TYPES, SUFFIXES, ExportFormat, UnwritableRecords
 from app.jobs import lifecycle, report_page, repository
+from app.jobs.repository import PolledJob
 from app.jobs.schemas import (
     ConflictPage,
     ExamplePage,
@@ -82,7 +83,7 @@ find_job = _get
 """The workspace's job, for the use cases of other packages."""
 
 
-def _eta_seconds(job: Job, now: datetime) -> float | None:
+def _eta_seconds(job: Job | PolledJob, now: datetime) -> float | None:
     """Time left at the pace so far; unknown until the job runs and has a verdict."""
     if job.status != JobStatus.RUNNING or job.started_at is None or job.done == 0:
         return None
@@ -90,7 +91,7 @@ def _eta_seconds(job: Job, now: datetime) -> float | None:
     return round(elapsed / job.done * max(job.total - job.done, 0), 1)
 
 
-def _links(job: Job, secret: str) -> JobLinks:
+def _links(job: Job | PolledJob, secret: str) -> JobLinks:
     """The job's addresses; the report page's is signed with `secret`, its workspace's."""
     path = f"/v1/jobs/{job.id}"
     access = page_link_token(secret, job.id, time.time())
@@ -114,7 +115,9 @@ def _read_many(session: Session, jobs: Sequence[Job], secret: str) -> list[JobRe
     return [job_read(job, decisions.get(job.id, {}), secret, now) for job in jobs]
 
 
-def job_read(job: Job, decisions: dict[Decision, int], secret: str, now: datetime) -> JobRead:
+def job_read(
+    job: Job | PolledJob, decisions: dict[Decision, int], secret: str, now: datetime
+) -> JobRead:
     return JobRead(
         id=job.id,
         dataset_id=job.dataset_id,
