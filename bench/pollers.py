@@ -1,7 +1,8 @@
 """Many clients polling one job on a real `kma api` process: latency, throughput and errors.
 
 Usage: .venv/bin/python bench/pollers.py [--clients 200] [--seconds 30] [--interval 1]
-                                         [--examples 1000] [--api-workers 1] [--keep]
+                                         [--examples 1000] [--api-workers 1] [--path P]
+                                         [--keep]
 
 Starts `python -m kma.cli api` on a fresh, migrated database (as bench/upload_export.py does),
 uploads a qa dataset of `--examples` lines, submits a job over it and writes what a worker would
@@ -263,6 +264,7 @@ def percentile(values: list[float], p: float) -> float:
 
 @dataclass
 class Result:
+    path: str
     clients: int
     interval_s: float
     seconds: float
@@ -325,7 +327,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> Result:
         tally, elapsed = asyncio.run(
             poll_all(
                 base_url,
-                f"/v1/jobs/{job_id}",
+                args.path or f"/v1/jobs/{job_id}",
                 keys,
                 args.interval,
                 args.seconds,
@@ -337,6 +339,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> Result:
         cpu = {role: cpu_used(cpu_before[role], cpu_seconds(processes[role])) for role in processes}
         requests = len(tally.latencies)
         return Result(
+            path=args.path or "/v1/jobs/{id}",
             clients=args.clients,
             interval_s=args.interval,
             seconds=round(elapsed, 1),
@@ -398,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--examples", type=int, default=1000, help="the job's examples/verdicts")
     parser.add_argument("--api-workers", type=int, default=1, help="`kma api --workers`")
+    parser.add_argument(
+        "--path", help="poll this path instead of the job's (`/healthz`: the server's floor)"
+    )
     parser.add_argument(
         "--keep", action="store_true", help="keep the temp dir (API log) and the database"
     )
