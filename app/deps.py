@@ -11,11 +11,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.db import session_scope
+from app.db import AsyncConnections, session_scope
 from app.errors import TooManyRequests, Unauthorized
 from app.models import Workspace
 from app.queue import Queue, get_queue
-from app.ratelimit import rate_limiter
+from app.ratelimit import async_rate_limiter, rate_limiter
 from app.settings import Settings, get_settings
 from app.workspaces import service as workspaces
 from app.workspaces.service import Caller
@@ -62,6 +62,10 @@ UPLOAD_CALLER = "upload_caller"
 """Where in a request's state `app.main.UploadGuard` leaves the caller it authenticated."""
 
 
+NO_KEY = "send an API key: Authorization: Bearer <key>"
+UNKNOWN_KEY = "the API key is unknown or revoked"
+
+
 def authorize(
     session: Session, settings: Settings, credentials: HTTPAuthorizationCredentials | None
 ) -> Caller:
@@ -71,19 +75,42 @@ def authorize(
     if credentials is None:
         if settings.allow_anonymous:
             return Caller(workspaces.anonymous_workspace(session))
-        raise Unauthorized("send an API key: Authorization: Bearer <key>")
+        raise Unauthorized(NO_KEY)
     found = workspaces.authenticate(session, credentials.credentials)
     if found is None:
-        raise Unauthorized("the API key is unknown or revoked")
+        raise Unauthorized(UNKNOWN_KEY)
     if settings.broker_url:
         limiter = rate_limiter(settings.broker_url, settings.rate_limit_per_minute)
-        wait = limiter.wait_seconds(str(found.key_id))
-        if wait is not None:
-            raise TooManyRequests(
-                f"more than {settings.rate_limit_per_minute} requests a minute with this key",
-                {"Retry-After": str(wait)},
-            )
+        refuse_past_limit(settings, limiter.wait_seconds(str(found.key_id)))
     return found
+
+
+async def authorize_on_loop(
+    connections: AsyncConnections,
+    settings: Settings,
+    credentials: HTTPAuthorizationCredentials | None,
+) -> Caller:
+    """`authorize` without a worker thread or a session: the key from the cache or
+    `connections`, counted in Redis by an asyncio client. Not for anonymous requests, which
+    may make the default workspace."""
+    if credentials is None:
+        assert not settings.allow_anonymous, "anonymous requests are authorized in a session"
+        raise Unauthorized(NO_KEY)
+    found = await workspaces.authenticate_on_loop(connections, credentials.credentials)
+    if found is None:
+        raise Unauthorized(UNKNOWN_KEY)
+    if settings.broker_url:
+        limiter = async_rate_limiter(settings.broker_url, settings.rate_limit_per_minute)
+        refuse_past_limit(settings, await limiter.wait_seconds(str(found.key_id)))
+    return found
+
+
+def refuse_past_limit(settings: Settings, wait: int | None) -> None:
+    if wait is not None:
+        raise TooManyRequests(
+            f"more than {settings.rate_limit_per_minute} requests a minute with this key",
+            {"Retry-After": str(wait)},
+        )
 
 
 async def authorize_early(request: Request, settings: Settings) -> Caller:

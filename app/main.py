@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import asdict
 from importlib.metadata import version
 from typing import Any
 
 import anyio
 import kombu
+import psycopg
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -24,12 +27,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.comparisons.router import router as comparisons_router
 from app.datasets.domain import DatasetError
 from app.datasets.router import router as datasets_router
+from app.db import DatabaseBusy, close_api_connections
 from app.deps import UPLOAD_CALLER, SessionDep, SettingsDep, authorize_early, overridden
 from app.errors import UNAVAILABLE, HTTPError
 from app.estimates.router import router as estimates_router
 from app.jobs.router import router as jobs_router
 from app.logs import job_logging
 from app.metrics import router as metrics_router
+from app.ratelimit import close_async_rate_limiters
 from app.reviews.router import router as reviews_router
 from app.settings import get_settings
 from app.students.router import router as students_router
@@ -106,10 +111,10 @@ def invalid_request(request: Request, exc: Exception) -> JSONResponse:
 
 
 def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    """No connection was free in time (the pool's `TimeoutError`) or the database did not
-    answer or cancelled the statement (`OperationalError`): 503, try again soon. The details,
-    SQL and addresses, go to the log only."""
-    if isinstance(exc, sqlalchemy_errors.TimeoutError):
+    """No connection was free in time (the pool's `TimeoutError`, `DatabaseBusy`) or the
+    database did not answer or cancelled the statement (`OperationalError`, SQLAlchemy's or
+    psycopg's): 503, try again soon. The details, SQL and addresses, go to the log only."""
+    if isinstance(exc, sqlalchemy_errors.TimeoutError | DatabaseBusy):
         detail = "the database is busy: no connection was free in time; retry later"
     else:
         detail = "the database is unavailable; retry later"
@@ -150,6 +155,14 @@ def invalid_dataset(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=422)
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Close the connections that requests opened on the event loop."""
+    yield
+    await close_api_connections()
+    await close_async_rate_limiters()
+
+
 def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(
@@ -171,11 +184,14 @@ def create_app() -> FastAPI:
             {"name": "health", "description": "Liveness, readiness and metrics; no key needed."},
         ],
         responses=UNAVAILABLE,
+        lifespan=lifespan,
     )
     app.add_exception_handler(HTTPError, http_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(sqlalchemy_errors.TimeoutError, database_unavailable)
     app.add_exception_handler(sqlalchemy_errors.OperationalError, database_unavailable)
+    app.add_exception_handler(DatabaseBusy, database_unavailable)
+    app.add_exception_handler(psycopg.OperationalError, database_unavailable)
     app.add_exception_handler(DatasetError, invalid_dataset)
     app.add_exception_handler(405, method_not_allowed)
     app.include_router(datasets_router, prefix="/v1")

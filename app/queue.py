@@ -55,11 +55,14 @@ class Queue(Protocol):
         ...
 
 
+def redis_url(broker_url: str) -> str:
+    """The broker URL as Redis clients take it (Celery's `redis+socket://` is `unix://`)."""
+    return broker_url.replace("redis+socket://", "unix://")
+
+
 def redis_client(broker_url: str) -> redis.Redis:
-    """A Redis client for the broker URL (Celery's `redis+socket://` is `unix://` here)."""
-    return redis.Redis.from_url(
-        broker_url.replace("redis+socket://", "unix://"), socket_timeout=2, socket_connect_timeout=2
-    )
+    """A Redis client for the broker URL."""
+    return redis.Redis.from_url(redis_url(broker_url), socket_timeout=2, socket_connect_timeout=2)
 
 
 class CeleryQueue:

@@ -158,6 +158,7 @@ def test_every_call_needs_a_valid_key(
 ) -> None:
     calls = every_call(red_jobs["dataset"], red_jobs["job"], red_jobs["second_job"])
     calls += [("GET", "/v1/jobs", {}), ("GET", "/v1/datasets", {}), ("GET", "/v1/workspace", {})]
+    calls += [("GET", "/v1/students", {})]
     calls += [("POST", "/v1/datasets", {"files": {"file": ("t.jsonl", JSONL)}})]
     before = counts(session)
     for key in (None, "kma_not-a-key", keys[0] + "x"):

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Sequence
-from typing import Any
+from datetime import datetime
+from typing import Any, NamedTuple
 
-from sqlalchemy import Integer, and_, func, select, tuple_, update
+from sqlalchemy import Integer, and_, bindparam, func, select, tuple_, update
 from sqlalchemy.orm import Session, defer
 
 from app.audit.domain import VerdictTally
 from app.audit.schemas import Category, SuggestedAction
+from app.db import AsyncConnections, compiled
 from app.models import Chunk, Example, Job, JobStatus, Verdict
 
 EXPORT_BATCH = 2000
@@ -22,6 +24,47 @@ BULKY = (defer(Job.exemplar_sets), defer(Job.report))
 
 def get_job(session: Session, job_id: uuid.UUID, *, lock: bool = False) -> Job | None:
     return session.get(Job, job_id, with_for_update=lock, options=BULKY)
+
+
+class PolledJob(NamedTuple):
+    """A job's row as a poll reads it: its columns but the `BULKY` ones, in table order. A
+    tuple, where a `Job` that belongs to no session would take longer to make than the query
+    takes to run."""
+
+    id: uuid.UUID
+    workspace_id: uuid.UUID
+    dataset_id: uuid.UUID
+    status: JobStatus
+    student: dict[str, Any]
+    config: dict[str, Any]
+    webhook_url: str | None
+    idempotency_key: str | None
+    total: int
+    done: int
+    highly_known: int
+    maybe_known: int
+    weakly_known: int
+    unknown: int
+    flagged: int
+    generations: int
+    cached_generations: int
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+POLLED_COLUMNS = tuple(Job.__table__.c[name] for name in PolledJob._fields)
+POLLED_JOB = compiled(select(*POLLED_COLUMNS).where(Job.id == bindparam("job_id")))
+
+
+async def fetch_job(connections: AsyncConnections, job_id: uuid.UUID) -> PolledJob | None:
+    """`get_job` on the event loop, without the `BULKY` columns."""
+    rows = await connections.fetch(POLLED_JOB, {"job_id": job_id})
+    if not rows:
+        return None
+    job = PolledJob(*rows[0])
+    return job._replace(status=JobStatus(job.status))
 
 
 def get_job_by_idempotency_key(session: Session, workspace_id: uuid.UUID, key: str) -> Job | None:

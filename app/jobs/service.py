@@ -24,6 +24,7 @@ from app.audit.domain import (
 from app.audit.schemas import Audit, AuditConfig, Category, ConflictRead, Report
 from app.datasets import service as datasets_service
 from app.datasets.domain import parse_record
+from app.db import AsyncConnections
 from app.errors import (
     Conflict,
     InvalidField,
@@ -36,6 +37,7 @@ from app.errors import (
 from app.exports import Export, jsonl_chunks
 from app.exports.domain import MEDIA_TYPES, SUFFIXES, ExportFormat, UnwritableRecords
 from app.jobs import lifecycle, report_page, repository
+from app.jobs.repository import PolledJob
 from app.jobs.schemas import (
     ConflictPage,
     ExamplePage,
@@ -47,7 +49,7 @@ from app.jobs.schemas import (
     JobRead,
     Progress,
 )
-from app.models import Dataset, Job, JobStatus, Review, Verdict, Workspace, utcnow
+from app.models import Dataset, Decision, Job, JobStatus, Review, Verdict, Workspace, utcnow
 from app.models import Example as ExampleRow
 from app.reviews import repository as reviews_repository
 from app.reviews.domain import DEFAULT_UNREVIEWED, Unreviewed
@@ -81,7 +83,7 @@ find_job = _get
 """The workspace's job, for the use cases of other packages."""
 
 
-def _eta_seconds(job: Job, now: datetime) -> float | None:
+def _eta_seconds(job: Job | PolledJob, now: datetime) -> float | None:
     """Time left at the pace so far; unknown until the job runs and has a verdict."""
     if job.status != JobStatus.RUNNING or job.started_at is None or job.done == 0:
         return None
@@ -89,7 +91,7 @@ def _eta_seconds(job: Job, now: datetime) -> float | None:
     return round(elapsed / job.done * max(job.total - job.done, 0), 1)
 
 
-def _links(job: Job, secret: str) -> JobLinks:
+def _links(job: Job | PolledJob, secret: str) -> JobLinks:
     """The job's addresses; the report page's is signed with `secret`, its workspace's."""
     path = f"/v1/jobs/{job.id}"
     access = page_link_token(secret, job.id, time.time())
@@ -110,38 +112,54 @@ def _read_many(session: Session, jobs: Sequence[Job], secret: str) -> list[JobRe
     now = utcnow()
     finished = [job.id for job in jobs if job.status in EXPORTABLE]
     decisions = reviews_repository.decision_counts(session, finished) if finished else {}
-    return [
-        JobRead(
-            id=job.id,
-            dataset_id=job.dataset_id,
-            status=job.status,
-            student=Student.model_validate(job.student),
-            config=AuditConfig.model_validate(job.config),
-            webhook_url=job.webhook_url,
-            progress=Progress(
-                total=job.total,
-                done=job.done,
-                categories={
-                    category: getattr(job, column)
-                    for category, column in repository.CATEGORY_COUNTERS.items()
-                },
-                flagged=job.flagged,
-            ),
-            generations=GenerationCounts(new=job.generations, cached=job.cached_generations),
-            reviews=ReviewCounts.of(job.flagged, decisions.get(job.id, {})),
-            eta_seconds=_eta_seconds(job, now),
-            error=job.error,
-            created_at=job.created_at,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-            links=_links(job, secret),
-        )
-        for job in jobs
-    ]
+    return [job_read(job, decisions.get(job.id, {}), secret, now) for job in jobs]
+
+
+def job_read(
+    job: Job | PolledJob, decisions: dict[Decision, int], secret: str, now: datetime
+) -> JobRead:
+    return JobRead(
+        id=job.id,
+        dataset_id=job.dataset_id,
+        status=job.status,
+        student=Student.model_validate(job.student),
+        config=AuditConfig.model_validate(job.config),
+        webhook_url=job.webhook_url,
+        progress=Progress(
+            total=job.total,
+            done=job.done,
+            categories={
+                category: getattr(job, column)
+                for category, column in repository.CATEGORY_COUNTERS.items()
+            },
+            flagged=job.flagged,
+        ),
+        generations=GenerationCounts(new=job.generations, cached=job.cached_generations),
+        reviews=ReviewCounts.of(job.flagged, decisions),
+        eta_seconds=_eta_seconds(job, now),
+        error=job.error,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        links=_links(job, secret),
+    )
 
 
 def _read(session: Session, job: Job, secret: str) -> JobRead:
     return _read_many(session, [job], secret)[0]
+
+
+async def poll_job(
+    connections: AsyncConnections, workspace: Workspace, job_id: uuid.UUID
+) -> JobRead:
+    """`get_job` on the event loop: one query, two for a finished job."""
+    job = await repository.fetch_job(connections, job_id)
+    if job is None or job.workspace_id != workspace.id:
+        raise NotFound(f"job {job_id} not found")
+    decisions = {}
+    if job.status in EXPORTABLE:
+        decisions = await reviews_repository.fetch_decision_counts(connections, job.id)
+    return job_read(job, decisions, workspace.webhook_secret, utcnow())
 
 
 def create_job(

@@ -13,6 +13,7 @@ from sqlalchemy import (
     Uuid,
     and_,
     any_,
+    bindparam,
     cast,
     func,
     literal,
@@ -21,6 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
+from app.db import AsyncConnections, compiled
 from app.models import Decision, Review, Verdict, utcnow
 from app.reviews.domain import Review as Decided
 from app.reviews.schemas import ReviewUpdate
@@ -120,6 +122,21 @@ def decision_counts(
     for job_id, decision, n in rows:
         counts.setdefault(job_id, {})[decision] = n
     return counts
+
+
+JOB_DECISION_COUNTS = compiled(
+    select(Review.decision, func.count())
+    .where(Review.job_id == bindparam("job_id"))
+    .group_by(Review.decision)
+)
+
+
+async def fetch_decision_counts(
+    connections: AsyncConnections, job_id: uuid.UUID
+) -> dict[Decision, int]:
+    """`decision_counts` of one job, on the event loop."""
+    rows = await connections.fetch(JOB_DECISION_COUNTS, {"job_id": job_id})
+    return {Decision(decision): n for decision, n in rows}
 
 
 def copy_reviews(session: Session, source_id: uuid.UUID, target_id: uuid.UUID) -> int:

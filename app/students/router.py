@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.deps import SettingsDep
+from app.deps import CallerDep, SettingsDep
+from app.errors import AUTH
 from app.students import service
 from app.students.schemas import StudentList
 
-router = APIRouter(prefix="/students", tags=["students"])
+router = APIRouter(prefix="/students", tags=["students"], responses=AUTH)
 
 
 @router.get("", summary="List the registered students")
-def list_students(settings: SettingsDep) -> StudentList:
-    """The students a job may name, with the model each loads; servers and keys are not shown."""
+def list_students(caller: CallerDep, settings: SettingsDep) -> StudentList:
+    """The students a job may name, with the model each loads; servers and keys are not shown.
+    Needs a key, as every `/v1` call does."""
     return service.list_students(settings.students)

@@ -55,4 +55,4 @@ def page_link_opens(secret: str, page: uuid.UUID | str, token: str, now: float) 
 
 def _page_mac(secret: str, page: uuid.UUID | str, expires: int) -> str:
     message = f"report-page:{page}:{expires}".encode()
-    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+    return hmac.digest(secret.encode(), message, hashlib.sha256).hex()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from app.db import AsyncConnections
 from app.errors import NotFound
 from app.models import ApiKey, Workspace, utcnow
 from app.workspaces import repository
@@ -124,6 +125,18 @@ def authenticate(session: Session, secret: str) -> Caller | None:
     if cached is not None:
         return cached
     found = repository.find_active_key(session, key_hash)
+    if found is None:
+        return None
+    return active_keys.put(key_hash, *found)
+
+
+async def authenticate_on_loop(connections: AsyncConnections, secret: str) -> Caller | None:
+    """`authenticate` without a worker thread or a session: the cache, else one query."""
+    key_hash = hash_key(secret)
+    cached = active_keys.get(key_hash)
+    if cached is not None:
+        return cached
+    found = await repository.fetch_active_key(connections, key_hash)
     if found is None:
         return None
     return active_keys.put(key_hash, *found)
