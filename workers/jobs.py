@@ -37,6 +37,7 @@ from app.logs import job_logging
 from app.models import Chunk, ChunkStatus, Job, JobStatus, utcnow
 from app.models import Example as ExampleRow
 from app.queue import SEND_WEBHOOK, WORK, Queue, QueueUnavailable
+from app.reviews.service import carry_decisions
 from app.settings import Settings
 from workers.engines.base import Engine, EngineRefused, EngineUnavailable
 from workers.engines.cached import CachedEngine
@@ -155,11 +156,16 @@ def plan_next_job(worker: Worker) -> bool:
 
 
 def plan_job(session: Session, job: Job, chunk_size: int) -> int:
-    """In the caller's transaction: the job's exemplar sets and chunks; returns the chunks."""
-    config = AuditConfig.model_validate(job.config)
-    record_format = datasets_service.record_format(session, job.dataset_id)
-    sets = repository.draw_exemplar_sets(session, job.dataset_id, record_format, config)
-    job.exemplar_sets = exemplar_sets_to_json(sets)
+    """In the caller's transaction: the job's exemplar sets and chunks; returns the chunks.
+
+    A rescore comes with its source's exemplar sets, and keeps them: its prompts must be the
+    very ones whose answers the generation cache holds.
+    """
+    if job.exemplar_sets is None:
+        config = AuditConfig.model_validate(job.config)
+        record_format = datasets_service.record_format(session, job.dataset_id)
+        sets = repository.draw_exemplar_sets(session, job.dataset_id, record_format, config)
+        job.exemplar_sets = exemplar_sets_to_json(sets)
     chunks = repository.add_chunks(session, job.id, job.total, chunk_size)
     lifecycle.start(job)
     return chunks
@@ -399,6 +405,7 @@ def finalize_job(worker: Worker, job_id: uuid.UUID) -> None:
         lifecycle.succeed(job)
         report = build_report(session, job)
         job.report = report.model_dump(mode="json")
+        carry_decisions(session, job)
     log.info("job %s succeeded: %s examples", job_id, report.num_examples)
     notify(worker.queue, job)
 

@@ -44,11 +44,7 @@ def engine_for(student: dict[str, Any]) -> Engine:
     registered = get_settings().students.get(wanted.name)
     if registered is None:
         raise jobs.PermanentError(f"the student {wanted.name!r} is not registered on the worker")
-    if (registered.engine, registered.model, registered.revision) != (
-        wanted.engine,
-        wanted.model,
-        wanted.revision,
-    ):
+    if not registered.loads(wanted):
         raise jobs.PermanentError(
             f"the student {wanted.name!r} is registered on the worker with another engine, "
             "model or revision than when the job was submitted"
