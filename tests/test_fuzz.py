@@ -62,6 +62,7 @@ JUDGED_ON_CONTENT = [
     "GET /v1/datasets",
     "POST /v1/jobs",
     "GET /v1/jobs",
+    "POST /v1/jobs/{job_id}/rescore",
     "POST /v1/estimates",
     "PATCH /v1/jobs/{job_id}/examples",
     "PATCH /v1/jobs/{job_id}/examples/{position}",
@@ -72,7 +73,7 @@ JUDGED_ON_CONTENT = [
 ]
 """Operations that refuse some requests their schema allows, with a documented 422: a file whose
 lines are no records, a student not registered, a webhook to a private address, a cursor that
-names no row, a blank reviewer's answer, a list of job ids that is not one. There a 422 for a
+names no row, a blank reviewer's answer, a list of job ids that is not one, a rescore's webhook. There a 422 for a
 schema-valid request is no failure."""
 
 app = create_app()
