@@ -72,9 +72,9 @@ JUDGED_ON_CONTENT = [
     "GET /v1/comparisons/report.html",
 ]
 """Operations that refuse some requests their schema allows, with a documented 422: a file whose
-lines are no records, a student not registered, a webhook to a private address, a cursor that
-names no row, a blank reviewer's answer, a list of job ids that is not one, a rescore's webhook. There a 422 for a
-schema-valid request is no failure."""
+lines are no records, a student not registered, a webhook to a private address (a submission's,
+a rescore's), a cursor that names no row, a blank reviewer's answer, a list of job ids that is
+not one. There a 422 for a schema-valid request is no failure."""
 
 app = create_app()
 schema = schemathesis.openapi.from_asgi(
