@@ -123,7 +123,8 @@ def flatmap_case(
 ) -> st.SearchStrategy[schemathesis.Case]:
     """Valid parts of a random case are made to matter, each more often than not: ids name the
     seeded rows, a submission or an estimate the seeded dataset and a registered student (with
-    the default options and no webhook, or with the drawn ones), an upload holds JSONL. Parts
+    the default options and no webhook, or with the drawn ones), a rescore a judging option, an
+    upload holds JSONL. Parts
     the case means to be invalid stay as they are, and so do the ids of a workflow's step."""
     assert case.meta is not None
     # A container of the case, with the values that may be put over it.
@@ -138,6 +139,8 @@ def flatmap_case(
         if case.operation.label in ("POST /v1/jobs", "POST /v1/estimates"):
             valid = {"dataset_id": seeded.dataset_id, "student": STUDENT}
             overlays.append((case.body, [valid, {**valid, "config": {}, "webhook_url": None}]))
+        if case.operation.label == "POST /v1/jobs/{job_id}/rescore":
+            overlays.append((case.body, [{"config": {"matcher": "contains"}, "webhook_url": None}]))
         if case.operation.label == "POST /v1/datasets":
             overlays.append((case.body, [{"file": VALID_UPLOAD}]))
 
