@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import HttpUrl, ValidationError
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -259,7 +260,8 @@ def rescore_job(
         config=config.model_dump(mode="json"),
         webhook_url=str(rescore.webhook_url) if rescore.webhook_url else None,
         total=source.total,
-        exemplar_sets=source.exemplar_sets,
+        # Copied in the database: a job of many groups holds megabytes of exemplars.
+        exemplar_sets=select(Job.exemplar_sets).where(Job.id == source.id).scalar_subquery(),
         rescore_of=source.id,
     )
     session.add(job)
