@@ -36,8 +36,9 @@ from tests.test_api_jobs import STUDENTS, Recorder, add_verdicts, set_status, su
 from tests.test_jobs import get_job, make_job, make_worker, run_all
 from tests.test_reviews import AUDITS, JSONL
 from workers import jobs
-from workers.engines.base import GenerationRequest, GenerationResult
+from workers.engines.base import GenerationRequest, GenerationResult, SamplingOptions
 from workers.engines.fake import FakeEngine
+from workers.engines.lazy import LazyEngine
 
 # --- the request, refused or taken ------------------------------------------------------------
 
@@ -220,8 +221,17 @@ def engine() -> FakeEngine:
     return FakeEngine(town_student)
 
 
-def fake_worker(sessions: sessionmaker[Session], engine: FakeEngine) -> jobs.Worker:
-    return make_worker(sessions, lambda student: engine, students=FAKE_STUDENTS)
+def fake_worker(
+    sessions: sessionmaker[Session], engine: FakeEngine, loads: list[str] | None = None
+) -> jobs.Worker:
+    """A worker whose student is `engine`; each load of it is noted in `loads`."""
+
+    def engine_for(student: dict[str, Any]) -> FakeEngine:
+        if loads is not None:
+            loads.append(student["name"])
+        return engine
+
+    return make_worker(sessions, engine_for, students=FAKE_STUDENTS)
 
 
 def rescore_of(sessions: sessionmaker[Session], job_id: uuid.UUID, **options: Any) -> uuid.UUID:
@@ -269,13 +279,16 @@ def test_a_full_rescore_generates_nothing_and_judges_as_a_fresh_job(
     sessions: sessionmaker[Session], engine: FakeEngine, old: str, new: dict[str, Any]
 ) -> None:
     source = make_job(sessions, N, mode="full", samples=6, n_exemplar_sets=3, matcher=old)
-    worker = fake_worker(sessions, engine)
+    loads: list[str] = []
+    worker = fake_worker(sessions, engine, loads)
     run_all(worker)
-    calls = len(engine.calls)
+    calls, loaded = len(engine.calls), len(loads)
+    assert loaded == N // 4  # once a chunk (of 4 examples)
 
     rescored = rescore_of(sessions, source, **new)
     run_all(worker)
-    assert len(engine.calls) == calls  # the student was not asked a thing
+    assert len(engine.calls) == calls  # the student was not asked a thing,
+    assert len(loads) == loaded  # nor even loaded
     job = get_job(sessions, rescored)
     assert job.status == JobStatus.SUCCEEDED
     assert (job.generations, job.cached_generations) == (0, N * 3 * (1 + 6))
@@ -434,3 +447,21 @@ def test_the_migration_goes_down_and_up_again(postgres_admin_url: str) -> None:
                 "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_job_rescore_of'"
             ).fetchone() or (None,)
         assert index is not None and "WHERE (rescore_of IS NOT NULL)" in index
+
+
+def test_a_lazy_engine_loads_on_the_first_request_and_checks_its_model() -> None:
+    loads: list[FakeEngine] = []
+
+    def load() -> FakeEngine:
+        loads.append(FakeEngine(town_student, model_id="fake"))
+        return loads[-1]
+
+    engine = LazyEngine(load, "fake")
+    assert not engine.loaded and loads == []
+    request = GenerationRequest("Q: What is number 4?\nA:", SamplingOptions())
+    engine.generate([request])
+    engine.generate([request])
+    assert engine.loaded and len(loads) == 1 and len(loads[0].calls) == 2
+    other = LazyEngine(lambda: FakeEngine(town_student, model_id="other"), "fake")
+    with pytest.raises(RuntimeError, match="cached under another model's keys"):
+        other.generate([request])

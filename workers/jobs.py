@@ -39,8 +39,10 @@ from app.models import Example as ExampleRow
 from app.queue import SEND_WEBHOOK, WORK, Queue, QueueUnavailable
 from app.reviews.service import carry_decisions
 from app.settings import Settings
-from workers.engines.base import Engine, EngineRefused, EngineUnavailable
+from app.students.schemas import Student
+from workers.engines.base import Engine, EngineRefused, EngineUnavailable, model_id_of
 from workers.engines.cached import CachedEngine
+from workers.engines.lazy import LazyEngine
 from workers.runner import audit_batch
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,13 @@ class ExemplarSetsCache:
         return self._sets
 
 
+def student_model_id(student: dict[str, Any]) -> str:
+    """The `model_id` of the engine a job's stored student loads (the worker checks that the
+    registry loads that model and revision), before it is loaded."""
+    spec = Student.model_validate(student)
+    return model_id_of(spec.model, spec.revision)
+
+
 @dataclass(frozen=True)
 class Worker:
     """What a worker's steps need: its name (who holds a lease), and its dependencies."""
@@ -106,6 +115,9 @@ class Worker:
     queue: Queue
     settings: Settings
     exemplar_sets: ExemplarSetsCache = field(default_factory=ExemplarSetsCache)
+    model_id_for: Callable[[dict[str, Any]], str] = student_model_id
+    """The `model_id` of the engine `engine_for` gives a student, known without loading it:
+    the generation cache's keys hold it, and a chunk whose answers are all cached loads none."""
 
 
 def hint(queue: Queue, count: int) -> None:
@@ -256,7 +268,8 @@ def run_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
         Lease(worker, chunk, connection) as lease,
     ):
         engine = CachedEngine(
-            load_engine(worker, student),
+            # Loaded only if an answer is missing from the cache: a rescore in full mode never.
+            LazyEngine(lambda: load_engine(worker, student), worker.model_id_for(student)),
             repository.SqlGenerationStore(connection),
             namespace=namespace,
         )

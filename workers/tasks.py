@@ -57,6 +57,10 @@ def engine_for(student: dict[str, Any]) -> Engine:
     return _loaded[key]
 
 
+model_id_for = jobs.student_model_id
+"""What `engine_for`'s engines are cached under; replaced along with it (bench/instant_worker)."""
+
+
 def close_engines() -> None:
     for engine in _loaded.values():
         engine.close()
@@ -70,6 +74,7 @@ def this_worker() -> jobs.Worker:
         name=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
         sessions=get_sessionmaker(),
         engine_for=engine_for,
+        model_id_for=model_id_for,
         queue=get_queue(),
         settings=get_settings(),
     )
