@@ -150,6 +150,16 @@ class Job(Base):
     """Completions the engine made for the job's finished chunks."""
     cached_generations: Mapped[int] = mapped_column(BigInteger, default=0)
     exemplar_sets: Mapped[dict[str, Any] | None]
+    rescore_of: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("job.id", ondelete="SET NULL", name="fk_job_rescore_of")
+    )
+    """The job whose answers this one judges again (`POST /v1/jobs/{id}/rescore`); null for a job
+    submitted afresh, or once that job is deleted."""
+    reviews_carried: Mapped[int | None] = mapped_column(Integer)
+    """A rescore's: the source job's decisions copied onto it when it finished."""
+    reviews_not_carried: Mapped[int | None] = mapped_column(Integer)
+    """A rescore's: the source job's decisions left behind (the example is no longer flagged,
+    or an accepted suggestion changed)."""
     report: Mapped[dict[str, Any] | None]
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -159,6 +169,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_job_created_at", "created_at"),
         UniqueConstraint("workspace_id", "idempotency_key", name="uq_job_idempotency_key"),
+        Index("ix_job_rescore_of", "rescore_of", postgresql_where=text("rescore_of IS NOT NULL")),
     )
 
 

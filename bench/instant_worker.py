@@ -62,10 +62,16 @@ def answer(prompt: str) -> str:
     return number
 
 
+def instant_model_id(student: dict[str, Any]) -> str:
+    """Takes the place of `workers.tasks.model_id_for`: instant answers are cached apart from
+    a real student's of the same name."""
+    return f"instant:{student['model']}"
+
+
 def instant_engine_for(student: dict[str, Any]) -> InstantEngine:
     """Takes the place of `workers.tasks.engine_for`: the job's student model names the engine
     (its cache key), whatever engine it asks for."""
-    return InstantEngine(f"instant:{student['model']}")
+    return InstantEngine(instant_model_id(student))
 
 
 @dataclass
@@ -115,6 +121,7 @@ def record_timings(path: Path) -> None:
 def run(argv: list[str]) -> int:
     # Before the worker starts: `tasks.this_worker()` reads the factory when it first runs.
     tasks.engine_for = instant_engine_for
+    tasks.model_id_for = instant_model_id
     if path := os.environ.get(TIMINGS_ENV):
         record_timings(Path(path))
     return main(["worker", *argv])

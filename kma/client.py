@@ -125,6 +125,20 @@ class Client:
         result: dict[str, Any] = self._json(self.http.post("/v1/jobs", json=body))
         return result
 
+    def rescore(
+        self,
+        job_id: str,
+        config: dict[str, Any] | None = None,
+        webhook_url: str | None = None,
+    ) -> dict[str, Any]:
+        """A new job judging the succeeded job's stored answers with other judging options
+        (matcher, f1_threshold, flag_categories, student_answer_min_agreement, idk_text)."""
+        body: dict[str, Any] = {"config": config or {}}
+        if webhook_url:
+            body["webhook_url"] = webhook_url
+        result: dict[str, Any] = self._json(self.http.post(f"/v1/jobs/{job_id}/rescore", json=body))
+        return result
+
     def estimate(
         self,
         dataset_id: str,

@@ -62,6 +62,7 @@ JUDGED_ON_CONTENT = [
     "GET /v1/datasets",
     "POST /v1/jobs",
     "GET /v1/jobs",
+    "POST /v1/jobs/{job_id}/rescore",
     "POST /v1/estimates",
     "PATCH /v1/jobs/{job_id}/examples",
     "PATCH /v1/jobs/{job_id}/examples/{position}",
@@ -71,9 +72,9 @@ JUDGED_ON_CONTENT = [
     "GET /v1/comparisons/report.html",
 ]
 """Operations that refuse some requests their schema allows, with a documented 422: a file whose
-lines are no records, a student not registered, a webhook to a private address, a cursor that
-names no row, a blank reviewer's answer, a list of job ids that is not one. There a 422 for a
-schema-valid request is no failure."""
+lines are no records, a student not registered, a webhook to a private address (a submission's,
+a rescore's), a cursor that names no row, a blank reviewer's answer, a list of job ids that is
+not one. There a 422 for a schema-valid request is no failure."""
 
 app = create_app()
 schema = schemathesis.openapi.from_asgi(
@@ -122,7 +123,8 @@ def flatmap_case(
 ) -> st.SearchStrategy[schemathesis.Case]:
     """Valid parts of a random case are made to matter, each more often than not: ids name the
     seeded rows, a submission or an estimate the seeded dataset and a registered student (with
-    the default options and no webhook, or with the drawn ones), an upload holds JSONL. Parts
+    the default options and no webhook, or with the drawn ones), a rescore a judging option, an
+    upload holds JSONL. Parts
     the case means to be invalid stay as they are, and so do the ids of a workflow's step."""
     assert case.meta is not None
     # A container of the case, with the values that may be put over it.
@@ -137,6 +139,8 @@ def flatmap_case(
         if case.operation.label in ("POST /v1/jobs", "POST /v1/estimates"):
             valid = {"dataset_id": seeded.dataset_id, "student": STUDENT}
             overlays.append((case.body, [valid, {**valid, "config": {}, "webhook_url": None}]))
+        if case.operation.label == "POST /v1/jobs/{job_id}/rescore":
+            overlays.append((case.body, [{"config": {"matcher": "contains"}, "webhook_url": None}]))
         if case.operation.label == "POST /v1/datasets":
             overlays.append((case.body, [{"file": VALID_UPLOAD}]))
 

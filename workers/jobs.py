@@ -37,9 +37,12 @@ from app.logs import job_logging
 from app.models import Chunk, ChunkStatus, Job, JobStatus, utcnow
 from app.models import Example as ExampleRow
 from app.queue import SEND_WEBHOOK, WORK, Queue, QueueUnavailable
+from app.reviews.service import carry_decisions
 from app.settings import Settings
-from workers.engines.base import Engine, EngineRefused, EngineUnavailable
+from app.students.schemas import Student
+from workers.engines.base import Engine, EngineRefused, EngineUnavailable, model_id_of
 from workers.engines.cached import CachedEngine
+from workers.engines.lazy import LazyEngine
 from workers.runner import audit_batch
 
 log = logging.getLogger(__name__)
@@ -95,6 +98,13 @@ class ExemplarSetsCache:
         return self._sets
 
 
+def student_model_id(student: dict[str, Any]) -> str:
+    """The `model_id` of the engine a job's stored student loads (the worker checks that the
+    registry loads that model and revision), before it is loaded."""
+    spec = Student.model_validate(student)
+    return model_id_of(spec.model, spec.revision)
+
+
 @dataclass(frozen=True)
 class Worker:
     """What a worker's steps need: its name (who holds a lease), and its dependencies."""
@@ -105,6 +115,9 @@ class Worker:
     queue: Queue
     settings: Settings
     exemplar_sets: ExemplarSetsCache = field(default_factory=ExemplarSetsCache)
+    model_id_for: Callable[[dict[str, Any]], str] = student_model_id
+    """The `model_id` of the engine `engine_for` gives a student, known without loading it:
+    the generation cache's keys hold it, and a chunk whose answers are all cached loads none."""
 
 
 def hint(queue: Queue, count: int) -> None:
@@ -155,11 +168,16 @@ def plan_next_job(worker: Worker) -> bool:
 
 
 def plan_job(session: Session, job: Job, chunk_size: int) -> int:
-    """In the caller's transaction: the job's exemplar sets and chunks; returns the chunks."""
-    config = AuditConfig.model_validate(job.config)
-    record_format = datasets_service.record_format(session, job.dataset_id)
-    sets = repository.draw_exemplar_sets(session, job.dataset_id, record_format, config)
-    job.exemplar_sets = exemplar_sets_to_json(sets)
+    """In the caller's transaction: the job's exemplar sets and chunks; returns the chunks.
+
+    A rescore comes with its source's exemplar sets, and keeps them: its prompts must be the
+    very ones whose answers the generation cache holds.
+    """
+    if job.exemplar_sets is None:
+        config = AuditConfig.model_validate(job.config)
+        record_format = datasets_service.record_format(session, job.dataset_id)
+        sets = repository.draw_exemplar_sets(session, job.dataset_id, record_format, config)
+        job.exemplar_sets = exemplar_sets_to_json(sets)
     chunks = repository.add_chunks(session, job.id, job.total, chunk_size)
     lifecycle.start(job)
     return chunks
@@ -250,7 +268,8 @@ def run_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
         Lease(worker, chunk, connection) as lease,
     ):
         engine = CachedEngine(
-            load_engine(worker, student),
+            # Loaded only if an answer is missing from the cache: a rescore in full mode never.
+            LazyEngine(lambda: load_engine(worker, student), worker.model_id_for(student)),
             repository.SqlGenerationStore(connection),
             namespace=namespace,
         )
@@ -399,6 +418,7 @@ def finalize_job(worker: Worker, job_id: uuid.UUID) -> None:
         lifecycle.succeed(job)
         report = build_report(session, job)
         job.report = report.model_dump(mode="json")
+        carry_decisions(session, job)
     log.info("job %s succeeded: %s examples", job_id, report.num_examples)
     notify(worker.queue, job)
 

@@ -44,11 +44,7 @@ def engine_for(student: dict[str, Any]) -> Engine:
     registered = get_settings().students.get(wanted.name)
     if registered is None:
         raise jobs.PermanentError(f"the student {wanted.name!r} is not registered on the worker")
-    if (registered.engine, registered.model, registered.revision) != (
-        wanted.engine,
-        wanted.model,
-        wanted.revision,
-    ):
+    if not registered.loads(wanted):
         raise jobs.PermanentError(
             f"the student {wanted.name!r} is registered on the worker with another engine, "
             "model or revision than when the job was submitted"
@@ -59,6 +55,10 @@ def engine_for(student: dict[str, Any]) -> Engine:
         log.info("loading student %s (%s on engine %s)", wanted.name, wanted.model, wanted.engine)
         _loaded[key] = load_student(registered)
     return _loaded[key]
+
+
+model_id_for = jobs.student_model_id
+"""What `engine_for`'s engines are cached under; replaced along with it (bench/instant_worker)."""
 
 
 def close_engines() -> None:
@@ -74,6 +74,7 @@ def this_worker() -> jobs.Worker:
         name=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
         sessions=get_sessionmaker(),
         engine_for=engine_for,
+        model_id_for=model_id_for,
         queue=get_queue(),
         settings=get_settings(),
     )

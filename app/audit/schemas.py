@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import string
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from app.reviews.schemas import ReviewCounts
 from app.students.schemas import Student
@@ -91,10 +99,33 @@ class PromptTemplate(BaseModel):
         return value
 
 
-class AuditConfig(BaseModel):
-    """The method's options. The defaults are SliCK's (Gekhman et al. 2024)."""
+class JudgingOptions(BaseModel):
+    """The options that judge the student's answers: changing them needs no new generation, so a
+    finished job can be rescored with others (`POST /v1/jobs/{id}/rescore`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    matcher: Matcher = "normalized_exact"
+    f1_threshold: float = Field(0.5, gt=0.0, le=1.0, description="For matcher token_f1.")
+    flag_categories: tuple[Category, ...] = Field(
+        (Category.UNKNOWN,),
+        min_length=1,
+        description="Categories that are flagged; no repeats.",
+        json_schema_extra={"uniqueItems": True},
+    )
+    student_answer_min_agreement: float = Field(0.9, ge=0.0, le=1.0)
+    idk_text: str = Field("I don't know.", min_length=1, max_length=1000)
+
+    @field_validator("flag_categories")
+    @classmethod
+    def _unique_categories(cls, value: tuple[Category, ...]) -> tuple[Category, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("must not name a category twice")
+        return value
+
+
+class AuditConfig(JudgingOptions):
+    """The method's options. The defaults are SliCK's (Gekhman et al. 2024)."""
 
     n_exemplar_sets: int = Field(10, ge=1, le=100, description="Few-shot prompts per question.")
     shots: int = Field(4, ge=0, le=32, description="Exemplars per prompt.")
@@ -109,17 +140,7 @@ class AuditConfig(BaseModel):
     )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling for samples.")
     max_new_tokens: int = Field(32, ge=1, le=512, description="Longest answer, in tokens.")
-    matcher: Matcher = "normalized_exact"
-    f1_threshold: float = Field(0.5, gt=0.0, le=1.0, description="For matcher token_f1.")
     mode: Mode = Field("adaptive", description="adaptive: same categories, fewer generations.")
-    flag_categories: tuple[Category, ...] = Field(
-        (Category.UNKNOWN,),
-        min_length=1,
-        description="Categories that are flagged; no repeats.",
-        json_schema_extra={"uniqueItems": True},
-    )
-    student_answer_min_agreement: float = Field(0.9, ge=0.0, le=1.0)
-    idk_text: str = Field("I don't know.", min_length=1, max_length=1000)
     seed: int = Field(0, ge=-(2**63), le=2**63 - 1, description="Draws the exemplar sets.")
     prompt: PromptTemplate = PromptTemplate()
     chat_template: bool = Field(
@@ -135,12 +156,49 @@ class AuditConfig(BaseModel):
             raise ValueError("must be -1 (off) or at least 1")
         return value
 
-    @field_validator("flag_categories")
+
+JUDGING_OPTIONS: tuple[str, ...] = tuple(JudgingOptions.model_fields)
+GENERATION_OPTIONS: tuple[str, ...] = tuple(
+    name for name in AuditConfig.model_fields if name not in JudgingOptions.model_fields
+)
+"""The options that change what the student is asked or how its answers are drawn (the prompts,
+the sampling, the schedule): a rescore cannot change them, its answers are the source job's."""
+
+
+class RescoreOptions(JudgingOptions):
+    """The judging options a rescore changes; those left out keep the source job's values (the
+    defaults shown are a new job's). A generation option answers 422 at its own place, saying
+    why: a rescore reuses the stored answers."""
+
+    @model_validator(mode="before")
     @classmethod
-    def _unique_categories(cls, value: tuple[Category, ...]) -> tuple[Category, ...]:
-        if len(set(value)) != len(value):
-            raise ValueError("must not name a category twice")
-        return value
+    def _no_generation_options(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            refused = [name for name in GENERATION_OPTIONS if name in data]
+            if refused:
+                raise ValidationError.from_exception_data(
+                    cls.__name__,
+                    [
+                        InitErrorDetails(
+                            type=PydanticCustomError(
+                                "needs_generations",
+                                "{name} changes the student's answers, which a rescore reuses "
+                                "(it changes only " + ", ".join(JUDGING_OPTIONS) + "); submit a "
+                                "new job to change it",
+                                {"name": name},
+                            ),
+                            loc=(name,),
+                            input=data[name],
+                        )
+                        for name in refused
+                    ],
+                )
+        return data
+
+    def merged(self, config: AuditConfig) -> AuditConfig:
+        """`config` with the options given here in place of its own."""
+        given = self.model_dump(mode="json", include=self.model_fields_set)
+        return AuditConfig.model_validate({**config.model_dump(mode="json"), **given})
 
 
 class Audit(BaseModel):

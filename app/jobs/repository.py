@@ -52,6 +52,9 @@ class PolledJob(NamedTuple):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    rescore_of: uuid.UUID | None
+    reviews_carried: int | None
+    reviews_not_carried: int | None
 
 
 POLLED_COLUMNS = tuple(Job.__table__.c[name] for name in PolledJob._fields)

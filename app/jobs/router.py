@@ -37,7 +37,15 @@ from app.errors import (
 from app.exports import RECORD_COUNT_HEADER
 from app.exports.domain import MEDIA_TYPES, ExportFormat
 from app.jobs import service
-from app.jobs.schemas import ConflictPage, ExamplePage, ExampleRead, JobCreate, JobPage, JobRead
+from app.jobs.schemas import (
+    ConflictPage,
+    ExamplePage,
+    ExampleRead,
+    JobCreate,
+    JobPage,
+    JobRead,
+    JobRescore,
+)
 from app.models import POSITION_MAX, JobStatus
 from app.queue import SEND_WEBHOOK, WORK, Queue, QueueUnavailable
 from app.reviews.domain import Unreviewed
@@ -178,6 +186,42 @@ def delete_job(session: SessionDep, workspace: WorkspaceDep, job_id: uuid.UUID) 
     """Delete the job with its verdicts and report; a job still running is cancelled first."""
     service.delete_job(session, workspace.id, job_id)
     session.commit()
+
+
+@router.post(
+    "/{job_id}/rescore",
+    status_code=202,
+    summary="Rescore a job with other judging options",
+    responses={
+        **UNPARSABLE,
+        **NOT_FOUND,
+        **conflict("The job has not succeeded, or its student is no longer registered as it was."),
+    },
+)
+def rescore_job(
+    session: SessionDep,
+    workspace: WorkspaceDep,
+    queue: QueueDep,
+    settings: SettingsDep,
+    job_id: uuid.UUID,
+    rescore: JobRescore,
+) -> JobRead:
+    """Queue a new job that judges this succeeded job's stored answers again, with other
+    judging options (`matcher`, `f1_threshold`, `flag_categories`,
+    `student_answer_min_agreement`, `idk_text`); the options left out keep this job's.
+
+    The new job has its own verdicts, report and exports, and `rescore_of` names this job. Its
+    answers come from the generation cache: in full mode it generates nothing. In adaptive mode
+    an example the new matcher no longer settles where the old one did gets the samples a fresh
+    job would draw, generated and counted in `generations.new`. An option that changes the
+    answers themselves (samples, shots, temperature, the prompt, ...) answers 422 at its place.
+    When the new job ends, the decisions people made on this job are copied onto it where they
+    still apply (`reviews_carried`, `reviews_not_carried`).
+    """
+    job = service.rescore_job(session, workspace, job_id, rescore, settings)
+    session.commit()
+    wake_workers(queue)
+    return job
 
 
 @router.get("/{job_id}/examples", summary="List a job's verdicts", responses=NOT_FOUND)

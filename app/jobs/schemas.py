@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
-from app.audit.schemas import Audit, AuditConfig, Category, ConflictRead
+from app.audit.schemas import Audit, AuditConfig, Category, ConflictRead, RescoreOptions
 from app.models import JobStatus
 from app.reviews.schemas import ReviewCounts, ReviewRead
 from app.students.schemas import Student, StudentName
@@ -25,6 +25,19 @@ class JobCreate(BaseModel):
         default_factory=AuditConfig, description="Method options; omitted ones take defaults."
     )
     webhook_url: HttpUrl | None = Field(None, description="Called when the job finishes.")
+
+
+class JobRescore(BaseModel):
+    """A new job that judges a succeeded job's stored answers with other judging options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: RescoreOptions = Field(
+        default_factory=RescoreOptions,
+        description="Judging options; those left out keep the source job's. Options that need "
+        "new generations (samples, shots, temperature, the prompt, ...) answer 422.",
+    )
+    webhook_url: HttpUrl | None = Field(None, description="Called when the new job finishes.")
 
 
 class Progress(BaseModel):
@@ -60,6 +73,19 @@ class JobRead(BaseModel):
     progress: Progress
     generations: GenerationCounts
     reviews: ReviewCounts = Field(description="How far people have reviewed the flagged examples.")
+    rescore_of: uuid.UUID | None = Field(
+        description="The job whose stored answers this one judges again; null for a job "
+        "submitted afresh (or once that job is deleted)."
+    )
+    reviews_carried: int | None = Field(
+        description="A rescore's, once it finishes: the source job's review decisions copied "
+        "onto it (same example, still flagged, and an accept only where the suggestion is "
+        "unchanged); null otherwise."
+    )
+    reviews_not_carried: int | None = Field(
+        description="A rescore's, once it finishes: the source job's decisions not copied, "
+        "because the example is no longer flagged or its accepted suggestion changed."
+    )
     eta_seconds: float | None = Field(
         description="Estimated seconds left, from the pace so far; null unless running."
     )

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import HttpUrl, ValidationError
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -47,6 +48,7 @@ from app.jobs.schemas import (
     JobLinks,
     JobPage,
     JobRead,
+    JobRescore,
     Progress,
 )
 from app.models import Dataset, Decision, Job, JobStatus, Review, Verdict, Workspace, utcnow
@@ -136,6 +138,9 @@ def job_read(
         ),
         generations=GenerationCounts(new=job.generations, cached=job.cached_generations),
         reviews=ReviewCounts.of(job.flagged, decisions),
+        rescore_of=job.rescore_of,
+        reviews_carried=job.reviews_carried,
+        reviews_not_carried=job.reviews_not_carried,
         eta_seconds=_eta_seconds(job, now),
         error=job.error,
         created_at=job.created_at,
@@ -216,14 +221,70 @@ def check_submission(
     """Every check a submission passes before a job is stored, and the student and dataset it
     names: a job's estimate makes the same ones, so it is refused exactly when the job would be."""
     student = students_service.find_student(settings.students, job_create.student)
-    if job_create.webhook_url is not None:  # a DNS lookup: before any query opens a transaction
-        try:
-            check_url(str(job_create.webhook_url), settings.webhook_allow_networks)
-        except WebhookRefused as exc:
-            raise InvalidField(["webhook_url"], f"webhook_url {exc}") from exc
+    _check_webhook(job_create.webhook_url, settings)
     dataset = datasets_service.get_dataset(session, workspace_id, job_create.dataset_id)
     _check_generations(job_create.config, dataset.num_examples, settings.max_generations_per_job)
     return student, dataset
+
+
+def _check_webhook(url: HttpUrl | None, settings: Settings) -> None:
+    """422 unless the webhook goes to a public address. A DNS lookup: call it before any query
+    opens a transaction."""
+    if url is not None:
+        try:
+            check_url(str(url), settings.webhook_allow_networks)
+        except WebhookRefused as exc:
+            raise InvalidField(["webhook_url"], f"webhook_url {exc}") from exc
+
+
+def rescore_job(
+    session: Session,
+    workspace: Workspace,
+    job_id: uuid.UUID,
+    rescore: JobRescore,
+    settings: Settings,
+) -> JobRead:
+    """A queued job that judges the succeeded job's answers again with other judging options;
+    the caller commits, then tells the workers.
+
+    The new job has the source's dataset, student, exemplar sets and generation options, so
+    each of its requests has the key one of the source's had, and the generation cache answers
+    it: in full mode it generates nothing. In adaptive mode an example that the new matcher
+    no longer settles where the old one did needs the sampling rounds a fresh job would draw:
+    those are generated (and counted as the job's new generations), the rest come from the
+    cache, so its verdicts are exactly a fresh job's. 409 unless the source has succeeded.
+    """
+    _check_webhook(rescore.webhook_url, settings)
+    source = _get(session, workspace.id, job_id)
+    if source.status != JobStatus.SUCCEEDED:
+        raise Conflict(
+            f"job {job_id} is {source.status.value}: only a succeeded job is rescored, "
+            "since its answers are all stored"
+        )
+    student = Student.model_validate(source.student)
+    registered = settings.students.get(student.name)
+    if registered is None or not registered.loads(student):
+        raise Conflict(
+            f"job {job_id}'s student {student.name!r} is no longer registered as it was when the "
+            "job ran: its answers are that model's, which the workers can no longer load"
+        )
+    config = rescore.config.merged(AuditConfig.model_validate(source.config))
+    _check_generations(config, source.total, settings.max_generations_per_job)
+    job = Job(
+        workspace_id=workspace.id,
+        dataset_id=source.dataset_id,
+        status=JobStatus.QUEUED,
+        student=source.student,
+        config=config.model_dump(mode="json"),
+        webhook_url=str(rescore.webhook_url) if rescore.webhook_url else None,
+        total=source.total,
+        # Copied in the database: a job of many groups holds megabytes of exemplars.
+        exemplar_sets=select(Job.exemplar_sets).where(Job.id == source.id).scalar_subquery(),
+        rescore_of=source.id,
+    )
+    session.add(job)
+    session.flush()
+    return _read(session, job, workspace.webhook_secret)
 
 
 def _check_generations(config: AuditConfig, examples: int, limit: int) -> None:

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.datasets.domain import MAX_REPORTED_ERRORS
 from app.errors import Conflict, InvalidFields, NotFound
+from app.jobs import repository as jobs_repository
 from app.jobs import service as jobs_service
 from app.jobs.schemas import ExampleRead
 from app.models import Job
@@ -118,3 +119,17 @@ def copy_decisions(session: Session, source: Job, target: Job) -> int:
             "different examples"
         )
     return repository.copy_reviews(session, source.id, target.id)
+
+
+def carry_decisions(session: Session, job: Job) -> None:
+    """When a rescore succeeds: copy its source job's decisions onto it (`copy_decisions`), and
+    count on it those copied and those left behind. Nothing for a job that is no rescore, or
+    whose source is gone. The caller commits."""
+    if job.rescore_of is None:
+        return
+    source = jobs_repository.get_job(session, job.rescore_of)
+    if source is None:
+        return
+    made = sum(repository.decision_counts(session, [source.id]).get(source.id, {}).values())
+    job.reviews_carried = copy_decisions(session, source, job)
+    job.reviews_not_carried = made - job.reviews_carried

@@ -65,6 +65,15 @@ class RegisteredStudent(BaseModel):
             raise ValueError(f"{' and '.join(given)} is for the openai engine, not {self.engine}")
         return self
 
+    def loads(self, student: Student) -> bool:
+        """Whether this entry loads the model a job stored as its student: the same engine,
+        model and revision."""
+        return (self.engine, self.model, self.revision) == (
+            student.engine,
+            student.model,
+            student.revision,
+        )
+
     def spec(self, name: str) -> dict[str, Any]:
         """What a job stores of it: no server, no key, only whether a key is sent."""
         shown = Student(name=name, engine=self.engine, model=self.model, revision=self.revision)

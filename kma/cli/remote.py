@@ -1,9 +1,9 @@
-"""`kma submit`, `kma status`, `kma review`, `kma download`, `kma compare`: the command line
-of a running kma server.
+"""`kma submit`, `kma rescore`, `kma status`, `kma review`, `kma download`, `kma compare`: the
+command line of a running kma server.
 
 Exit codes a pipeline can rely on:
-  0  done: submitted (or estimated, with --dry-run), or (with --wait) the job succeeded; the
-     decisions stored; the file downloaded; the jobs compared
+  0  done: submitted or rescored (or estimated, with --dry-run), or (with --wait) the job
+     succeeded; the decisions stored; the file downloaded; the jobs compared
   1  the job failed
   2  the input was refused (invalid dataset, options or decisions, a student not registered on
      the server), or a usage error
@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from app.audit.domain import EXPORT_POLICIES
+from app.audit.schemas import JUDGING_OPTIONS
 from app.comparisons.domain import label
 from app.exports.domain import EXPORT_FORMATS
 from app.reviews.domain import UNREVIEWED
@@ -115,6 +116,27 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not args.wait:
         return EXIT_OK
     return finished(follow(client, job))
+
+
+def cmd_rescore(args: argparse.Namespace) -> int:
+    client = Client(args.server)
+    job = client.rescore(
+        args.job_id, config=parse_options(args.config), webhook_url=args.webhook_url
+    )
+    print(f"job {job['id']} rescores job {args.job_id}", file=sys.stderr)
+    print(job["id"])  # stdout: for JOB=$(kma rescore ...)
+    sys.stdout.flush()
+    if not args.wait:
+        return EXIT_OK
+    job = follow(client, job)
+    generations = job["generations"]
+    print(
+        f"  generations: {generations['new']} new, {generations['cached']} from the stored "
+        f"answers; reviews carried: {job['reviews_carried']}, not carried: "
+        f"{job['reviews_not_carried']}",
+        file=sys.stderr,
+    )
+    return finished(job)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -304,6 +326,22 @@ def add_remote_commands(commands: Any) -> None:
         help="print what the job would take (generations, cache hits, time) and submit "
         "nothing; the upload is deleted",
     )
+
+    rescore = add(
+        "rescore",
+        cmd_rescore,
+        "judge a succeeded job's stored answers again with other judging options",
+    )
+    rescore.add_argument("job_id")
+    rescore.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"any of {', '.join(JUDGING_OPTIONS)}; those left out keep the job's",
+    )
+    rescore.add_argument("--webhook-url", help="POSTed the new job's JSON when it ends")
+    rescore.add_argument("--wait", action="store_true", help="follow the new job to its end")
 
     status = add("status", cmd_status, "a job's state as JSON")
     status.add_argument("job_id")
