@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import psycopg
 from sqlalchemy import (
     Connection,
     Integer,
@@ -373,12 +374,13 @@ def tally_from_answers(answers: Mapping[str, Any]) -> Tally:
     )
 
 
-# Keys and rows travel as one JSON parameter (keys in hex): psycopg writes an array parameter
-# element by element in Python, but a JSON text in one call of `json.dumps`.
+# Keys travel as one JSON parameter (in hex): psycopg writes an array parameter element by
+# element in Python, but a JSON text in one call of `json.dumps`.
 GET_GENERATIONS = """
 SELECT key, texts FROM generation
 WHERE key IN (SELECT decode(wanted, 'hex') FROM json_array_elements_text(%s::json) AS wanted)
 """
+COPY_GENERATIONS = "COPY generation (key, model_id, texts) FROM STDIN"
 PUT_GENERATIONS = """
 WITH unsynced AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))
 INSERT INTO generation (key, model_id, texts)
@@ -389,9 +391,8 @@ ON CONFLICT (key) DO NOTHING
 
 class SqlGenerationStore:
     """The generation cache in PostgreSQL, on a connection in autocommit mode: each read and
-    write is one statement, a transaction of its own, so what the engine made is committed at
-    once (a chunk that dies halfway resumes from it) and no transaction stays open while the
-    engine generates.
+    write is a transaction of its own, so what the engine made is committed at once (a chunk
+    that dies halfway resumes from it) and no transaction stays open while the engine generates.
 
     A write commits without waiting for the disk (`synchronous_commit` off, for its own
     transaction alone): a database that crashes may lose the last fraction of a second of cache
@@ -406,5 +407,23 @@ class SqlGenerationStore:
         return dict(self.connection.execute(GET_GENERATIONS, (hex_keys,)).fetchall())
 
     def put_many(self, model_id: str, items: Mapping[bytes, list[str]]) -> None:
-        rows = json.dumps([(key.hex(), texts) for key, texts in items.items()], ensure_ascii=False)
-        self.connection.execute(PUT_GENERATIONS, (model_id, rows))
+        """Add the rows whose keys the cache lacks; a key it holds keeps its first answers.
+
+        With COPY, which costs the database about half what an `INSERT ... ON CONFLICT` costs
+        per row, and less of the worker's; a key another worker wrote meanwhile (a chunk run
+        twice at once) fails the COPY, and the rows are then written with the `INSERT`.
+        """
+        if not items:
+            return
+        try:
+            with self.connection.transaction():
+                self.connection.execute("SET LOCAL synchronous_commit = off")
+                cursor = self.connection.cursor()
+                with cursor, cursor.copy(COPY_GENERATIONS) as copy:
+                    for key, texts in items.items():
+                        copy.write_row((key, model_id, json.dumps(texts, ensure_ascii=False)))
+        except psycopg.errors.UniqueViolation:
+            rows = json.dumps(
+                [(key.hex(), texts) for key, texts in items.items()], ensure_ascii=False
+            )
+            self.connection.execute(PUT_GENERATIONS, (model_id, rows))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Protocol
@@ -53,6 +54,12 @@ def cached_completions(
     return options.n * sum(1 for prompt in prompts if cache_key(prefix, prompt, draw) in found)
 
 
+SAVE_SECONDS = 1.0
+"""How long answers may wait in the wrapper before they are written to the cache."""
+SAVE_GENERATIONS = 65_536
+"""How many generations may wait."""
+
+
 class CachedEngine:
     """`namespace` keeps caches apart: the service gives each workspace its own, so that what
     one workspace's jobs generated never shows (as answers or as cache hits) in another's.
@@ -62,32 +69,63 @@ class CachedEngine:
     prompt drawn by earlier calls (requests for the same prompt in one call share them, and
     their answers). A wrapper lives for one batch of work (a chunk): the same batch asked again,
     in the same calls, finds every answer in the cache.
+
+    New answers are written to the store after the engine call that made them once
+    `save_seconds` have passed since the oldest unwritten one, or `save_generations` wait, and
+    by `save()`, which the owner calls when the batch ends, however it ends. An engine call of a
+    real model takes seconds, so each is written after it, as it comes; answers that come in
+    thousands a second are written in a few large writes instead of one per call.
     """
 
-    def __init__(self, engine: Engine, store: GenerationStore, namespace: str = "") -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        store: GenerationStore,
+        namespace: str = "",
+        *,
+        save_seconds: float = SAVE_SECONDS,
+        save_generations: int = SAVE_GENERATIONS,
+    ) -> None:
         self.engine = engine
         self.store = store
         self.namespace = namespace
         self.model_id = engine.model_id
+        self.save_seconds = save_seconds
+        self.save_generations = save_generations
         self.new_generations = 0
         self.cached_generations = 0
         self._prefixes: dict[SamplingOptions, bytes] = {}
         self._drawn: dict[Prompt, int] = {}
         """Samples drawn so far, by prompt."""
+        self._unsaved: dict[bytes, list[str]] = {}
+        self._unsaved_generations = 0
+        self._unsaved_since = 0.0
 
     def close(self) -> None:
         self.engine.close()
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         keys = [self._key(r) for r in requests]
-        found = dict(self.store.get_many(list(set(keys))))
+        wanted = set(keys)
+        found = {k: self._unsaved[k] for k in wanted.intersection(self._unsaved)}
+        if len(found) < len(wanted):
+            found.update(self.store.get_many([k for k in wanted if k not in found]))
         missing = {k: r for k, r in zip(keys, requests, strict=True) if k not in found}
         if missing:
             results = self.engine.generate(list(missing.values()))
             fresh = {k: res.texts for k, res in zip(missing, results, strict=True)}
-            self.store.put_many(self.model_id, fresh)
             found.update(fresh)
-            self.new_generations += sum(len(t) for t in fresh.values())
+            generations = sum(len(t) for t in fresh.values())
+            self.new_generations += generations
+            if not self._unsaved:
+                self._unsaved_since = time.monotonic()
+            self._unsaved.update(fresh)
+            self._unsaved_generations += generations
+            if (
+                self._unsaved_generations >= self.save_generations
+                or time.monotonic() - self._unsaved_since >= self.save_seconds
+            ):
+                self.save()
         self.cached_generations += sum(
             r.options.n for k, r in zip(keys, requests, strict=True) if k not in missing
         )
@@ -95,6 +133,13 @@ class CachedEngine:
         for prompt, n in sampled.items():
             self._drawn[prompt] = self._drawn.get(prompt, 0) + n
         return [GenerationResult(list(found[k])) for k in keys]
+
+    def save(self) -> None:
+        """Write the answers still waiting to the cache."""
+        if self._unsaved:
+            self.store.put_many(self.model_id, self._unsaved)
+            self._unsaved = {}
+            self._unsaved_generations = 0
 
     def _key(self, request: GenerationRequest) -> bytes:
         prefix = self._prefixes.get(request.options)
