@@ -106,8 +106,8 @@ class CachedEngine:
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         keys = [self._key(r) for r in requests]
-        wanted = set(keys)
-        found = {k: self._unsaved[k] for k in wanted.intersection(self._unsaved)}
+        wanted, unsaved = set(keys), self._unsaved
+        found = {k: unsaved[k] for k in wanted if k in unsaved}
         if len(found) < len(wanted):
             found.update(self.store.get_many([k for k in wanted if k not in found]))
         missing = {k: r for k, r in zip(keys, requests, strict=True) if k not in found}
