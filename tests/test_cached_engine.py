@@ -104,7 +104,12 @@ def test_namespaces_options_and_chat_prompts_keep_entries_apart() -> None:
 class CountingStore(DictStore):
     def __init__(self) -> None:
         super().__init__()
+        self.reads: list[int] = []
         self.writes: list[int] = []
+
+    def get_many(self, keys: Sequence[bytes]) -> Mapping[bytes, list[str]]:
+        self.reads.append(len(keys))
+        return super().get_many(keys)
 
     def put_many(self, model_id: str, items: Mapping[bytes, list[str]]) -> None:
         self.writes.append(len(items))
@@ -135,3 +140,25 @@ def test_without_a_delay_each_engine_call_is_written_after_it() -> None:
     cached.generate([sampled("p"), sampled("q")])
     cached.generate([sampled("p")])
     assert store.writes == [2, 1]
+
+
+def test_a_step_reads_the_cache_once_for_the_calls_after_its_first() -> None:
+    """As the runner's steps come: calls of a few prompts each, then the same prompts again
+    under other options (the samples), then at their next draw."""
+    engine, store = numbered_engine(), CountingStore()
+    steps = [
+        [GenerationRequest(p, GREEDY) for p in "pqr"],
+        [sampled(p) for p in "pqr"],
+        [sampled(p) for p in "pqr"],
+    ]
+    first = CachedEngine(engine, store)
+    answers = [[first.generate([r])[0].texts for r in step] for step in steps]
+    # New prompts: a read each. A new step: one read for the prompts seen, none after it.
+    assert store.reads == [1, 1, 1, 3, 3]
+    assert answers[1] == [["4", "5"], ["6", "7"], ["8", "9"]]
+    assert answers[2] == [["10", "11"], ["12", "13"], ["14", "15"]]
+    first.save()
+    again = CachedEngine(engine, store)
+    assert [[again.generate([r])[0].texts for r in step] for step in steps] == answers
+    assert len(engine.calls) == 9 and again.new_generations == 0
+    assert again.cached_generations == 3 + 6 + 6

@@ -70,6 +70,13 @@ class CachedEngine:
     their answers). A wrapper lives for one batch of work (a chunk): the same batch asked again,
     in the same calls, finds every answer in the cache.
 
+    Each step of a batch asks the store once: a call that asks again for prompts an earlier call
+    asked (under other options, or at another draw: a new step) looks up, with its own keys, the
+    keys of every prompt this wrapper has seen under the call's options at the prompt's draw so
+    far, and the calls after it find their answers, or that there are none, in what it read. A
+    key read as missing stays missing for the wrapper: another worker that writes it meanwhile
+    (a chunk run twice at once) costs a second generation, never a wrong answer.
+
     New answers are written to the store after the engine call that made them once
     `save_seconds` have passed since the oldest unwritten one, or `save_generations` wait, and
     by `save()`, which the owner calls when the batch ends, however it ends. An engine call of a
@@ -97,6 +104,12 @@ class CachedEngine:
         self._prefixes: dict[SamplingOptions, bytes] = {}
         self._drawn: dict[Prompt, int] = {}
         """Samples drawn so far, by prompt."""
+        self._prompts: dict[Prompt, None] = {}
+        """Every prompt asked so far, in order."""
+        self._answers: dict[bytes, list[str]] = {}
+        """Answers this wrapper knows: those the store gave, those the engine made."""
+        self._looked_up: set[bytes] = set()
+        """Keys asked of the store, found or not."""
         self._unsaved: dict[bytes, list[str]] = {}
         self._unsaved_generations = 0
         self._unsaved_since = 0.0
@@ -106,15 +119,17 @@ class CachedEngine:
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         keys = [self._key(r) for r in requests]
-        wanted, unsaved = set(keys), self._unsaved
-        found = {k: unsaved[k] for k in wanted if k in unsaved}
-        if len(found) < len(wanted):
-            found.update(self.store.get_many([k for k in wanted if k not in found]))
+        asked = {k: r for k, r in zip(keys, requests, strict=True) if k not in self._looked_up}
+        if asked:
+            self._look_up(asked)
+        answers = self._answers
+        found = {k: answers[k] for k in set(keys) if k in answers}
         missing = {k: r for k, r in zip(keys, requests, strict=True) if k not in found}
         if missing:
             results = self.engine.generate(list(missing.values()))
             fresh = {k: res.texts for k, res in zip(missing, results, strict=True)}
             found.update(fresh)
+            answers.update(fresh)
             generations = sum(len(t) for t in fresh.values())
             self.new_generations += generations
             if not self._unsaved:
@@ -132,7 +147,23 @@ class CachedEngine:
         sampled = {r.prompt: r.options.n for r in requests if not r.options.greedy}
         for prompt, n in sampled.items():
             self._drawn[prompt] = self._drawn.get(prompt, 0) + n
+        self._prompts.update(dict.fromkeys(r.prompt for r in requests))
         return [GenerationResult(list(found[k])) for k in keys]
+
+    def _look_up(self, asked: dict[bytes, GenerationRequest]) -> None:
+        """Read `asked` from the store, and with them, when they start a new step, the keys of
+        the prompts seen so far under the same options, at their draws so far."""
+        keys = list(asked)
+        if any(r.prompt in self._prompts for r in asked.values()):
+            ahead = set(asked)
+            for options in {r.options for r in asked.values()}:
+                for prompt in self._prompts:
+                    key = self._key(GenerationRequest(prompt, options))
+                    if key not in self._looked_up and key not in ahead:
+                        ahead.add(key)
+                        keys.append(key)
+        self._answers.update(self.store.get_many(keys))
+        self._looked_up.update(keys)
 
     def save(self) -> None:
         """Write the answers still waiting to the cache."""
