@@ -60,7 +60,7 @@ class Settings(BaseSettings):
         1024,
         ge=1,
         description="Most completions asked of the engine in one call: between calls a worker "
-        "saves them to the cache and sees a cancel.",
+        "sees a cancel, and saves what the engine made to the cache once a second.",
     )
     max_chunk_failures: int = Field(
         3, ge=1, description="Runs of a chunk ending in an unexpected error before the job fails."

@@ -12,7 +12,8 @@ prompt): `<i>` when i is even, `WRONG_ANSWER` when it is odd. So even examples a
 and odd ones Unknown, in both modes. Any other question gets `WRONG_ANSWER`.
 
 With `BENCH_WORKER_TIMINGS=FILE` in its environment, the worker also times its units of work and
-the scoring rules within them, and writes the totals (`WorkerTimings`) to FILE after each unit.
+the scoring rules within them (`AnswerKey.any_match`, `judge`), and writes the totals
+(`WorkerTimings`) to FILE after each unit.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class WorkerTimings:
     busy_cpu_s: float = 0.0
     """CPU seconds of the thread doing them, in them."""
     scoring_s: float = 0.0
-    """Of the busy seconds, those in the scoring rules the runner calls (`score`, `judge`)."""
+    """Of the busy seconds, those in the scoring rules the runner calls (`AnswerKey.any_match`,
+    `judge`)."""
     scoring_cpu_s: float = 0.0
     units: int = 0
     """Units of work asked for, those that found none included."""
@@ -114,8 +116,8 @@ def record_timings(path: Path) -> None:
         return timed_rule
 
     jobs.work_once = timed_work_once
-    runner.score = timed(runner.score)  # type: ignore[attr-defined]
     runner.judge = timed(runner.judge)  # type: ignore[attr-defined]
+    runner.AnswerKey.any_match = timed(runner.AnswerKey.any_match)  # type: ignore[method-assign]
 
 
 def run(argv: list[str]) -> int:

@@ -1,7 +1,7 @@
 """The service path with an instant engine: what one worker costs per generation besides the model.
 
 Usage: .venv/bin/python bench/overhead.py [--examples 30000] [--modes full adaptive]
-                                          [--profile DIR] [--keep]
+                                          [--profile DIR [--on-cpu]] [--keep]
 
 Uploads an invented qa dataset ("What is number <i>?", as bench/scale.py writes it) through a
 real `kma api` process, then runs one job per mode with the method's default config (10 exemplar
@@ -15,8 +15,9 @@ Per job it measures the time from the job's start to its success (the database's
 the worker's busy time (its units of work, timed inside it), the scoring's share of that, the
 CPU time of both, generations/s and examples/s over each, and how much the `verdict` table and
 the generation cache grew; it checks the report's categories (even numbers HighlyKnown, odd
-ones Unknown). `--profile DIR` samples the worker with py-spy
-during the full-mode job and lists the functions it spent most time in.
+ones Unknown). `--profile DIR` samples the worker with py-spy during each job and lists the
+functions it spent most time in: shares of its wall time, waits for the database included, or
+with `--on-cpu` of the samples that found it running (about its CPU time).
 
 PostgreSQL: KMA_DATABASE_URL when set, else a fresh `kma_bench_*` database on the machine's
 (dropped at the end), else an embedded one. Redis: KMA_BROKER_URL when set, else db 14 of the
@@ -105,7 +106,7 @@ class Run:
     busy_generations_per_s: float
     busy_examples_per_s: float
     scoring_s: float
-    """Of the busy time, the scoring rules (`score`, `judge`)."""
+    """Of the busy time, the scoring rules (`AnswerKey.any_match`, `judge`)."""
     generations_per_s_without_scoring: float
     """Generations / (busy - scoring): the pace of everything but the scoring rules."""
     busy_cpu_s: float
@@ -170,10 +171,11 @@ def engine_seconds(database_url: str, job_id: str) -> float:
     return float(row[0])
 
 
-def start_profiler(pid: int, path: Path) -> subprocess.Popen[bytes]:
-    """py-spy sampling the worker's threads, waiting ones too (for the database, for a core),
-    stacks by function, as collapsed stacks."""
-    command = [str(PY_SPY), "record", "--pid", str(pid), "--rate", str(PROFILE_RATE), "--idle"]
+def start_profiler(pid: int, path: Path, on_cpu: bool) -> subprocess.Popen[bytes]:
+    """py-spy sampling the worker's threads, waiting ones too (for the database, for a core)
+    unless `on_cpu`, stacks by function, as collapsed stacks."""
+    command = [str(PY_SPY), "record", "--pid", str(pid), "--rate", str(PROFILE_RATE)]
+    command += [] if on_cpu else ["--idle"]
     command += ["--function", "--format", "raw", "--output", str(path)]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -216,6 +218,7 @@ def run_mode(
     mode: Mode,
     work_dir: Path,
     profile_dir: Path | None,
+    on_cpu: bool,
     timeout: float,
 ) -> Run:
     """One job in a worker of its own, from submission to success."""
@@ -232,7 +235,7 @@ def run_mode(
         sampler = stack.enter_context(MemorySampler(worker.pid))
         profiler = None
         if profile_dir is not None:
-            profiler = start_profiler(worker.pid, profile_dir / f"{mode}.txt")
+            profiler = start_profiler(worker.pid, profile_dir / f"{mode}.txt", on_cpu)
         sizes_before = table_sizes(database_url)
         load_before = load()
         cpu_before = sampler.process.cpu_times()
@@ -292,6 +295,7 @@ def run(
     modes: list[Mode],
     work_dir: Path,
     profile_dir: Path | None,
+    on_cpu: bool,
     keep: bool,
     timeout: float,
 ) -> Result:
@@ -320,6 +324,7 @@ def run(
                     mode,
                     work_dir,
                     profile_dir,
+                    on_cpu,
                     timeout,
                 )
             )
@@ -380,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", type=Path, metavar="DIR", help="sample the worker with py-spy, files in DIR"
     )
     parser.add_argument(
+        "--on-cpu",
+        action="store_true",
+        help="with --profile: only samples of the worker running, not waiting",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=1800, help="seconds a job may take (default 1800)"
     )
     parser.add_argument(
@@ -394,7 +404,13 @@ def main(argv: list[str] | None = None) -> int:
         args.profile.mkdir(parents=True, exist_ok=True)
     return run_in_work_dir(
         lambda work_dir: run(
-            args.examples, args.modes, work_dir, args.profile, args.keep, args.timeout
+            args.examples,
+            args.modes,
+            work_dir,
+            args.profile,
+            args.on_cpu,
+            args.keep,
+            args.timeout,
         ),
         table,
         args.keep,

@@ -86,6 +86,20 @@ def test_the_cache_commits_each_write_at_once_and_keeps_the_first_answers(
         assert store.get_many([]) == {}
 
 
+def test_the_cache_keeps_any_text_as_it_was_made(sessions: sessionmaker[Session]) -> None:
+    """The rows go to COPY as text written by hand: its escapes and JSON's both hold."""
+    texts = ["a\\b", "tab\there", "line\nbreak\r", 'quote " \\" \\\\', "\u2028 é 東京 \x00", ""]
+    keys = [bytes([i]) * 32 for i in range(len(texts) + 1)]
+    items = {key: [text, text, "x"] for key, text in zip(keys, texts, strict=False)}
+    items[keys[-1]] = texts
+    with autocommit_connection(sessions) as connection:
+        store = SqlGenerationStore(connection)
+        store.put_many("model\\ with\ttab", items)
+        assert store.get_many(keys) == items
+    with sessions() as session:
+        assert set(session.scalars(select(Generation.model_id))) == {"model\\ with\ttab"}
+
+
 @pytest.fixture
 def job_id(sessions: sessionmaker[Session]) -> uuid.UUID:
     with sessions.begin() as session:

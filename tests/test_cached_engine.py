@@ -42,6 +42,7 @@ def test_a_prompts_later_sampling_rounds_are_drawn_anew() -> None:
     cached = CachedEngine(engine, store)
     first = cached.generate([sampled("p"), sampled("q")])
     second = cached.generate([sampled("p")])
+    cached.save()
     assert [r.texts for r in first] == [["1", "2"], ["3", "4"]]
     assert [r.texts for r in second] == [["5", "6"]]
     assert len(engine.calls) == 2 and len(store.rows) == 3
@@ -58,6 +59,7 @@ def test_the_same_calls_again_take_every_answer_from_the_cache() -> None:
     ]
     first = CachedEngine(engine, store)
     answers = [[r.texts for r in first.generate(call)] for call in calls]
+    first.save()
     again = CachedEngine(engine, store)
     assert [[r.texts for r in again.generate(call)] for call in calls] == answers
     assert len(engine.calls) == len(calls)
@@ -85,10 +87,78 @@ def test_greedy_answers_are_one_entry_however_often_asked() -> None:
 
 def test_namespaces_options_and_chat_prompts_keep_entries_apart() -> None:
     engine, store = numbered_engine(), DictStore()
-    CachedEngine(engine, store, namespace="a").generate([GenerationRequest("p", GREEDY)])
-    CachedEngine(engine, store, namespace="b").generate([GenerationRequest("p", GREEDY)])
+
+    def ask(namespace: str, request: GenerationRequest) -> None:
+        cached = CachedEngine(engine, store, namespace=namespace)
+        cached.generate([request])
+        cached.save()
+
+    ask("a", GenerationRequest("p", GREEDY))
+    ask("b", GenerationRequest("p", GREEDY))
     longer = SamplingOptions(max_tokens=GREEDY.max_tokens + 1)
-    CachedEngine(engine, store, namespace="a").generate([GenerationRequest("p", longer)])
-    chat = (Message("user", "p"),)
-    CachedEngine(engine, store, namespace="a").generate([GenerationRequest(chat, GREEDY)])
+    ask("a", GenerationRequest("p", longer))
+    ask("a", GenerationRequest((Message("user", "p"),), GREEDY))
     assert len(engine.calls) == 4 and len(store.rows) == 4
+
+
+class CountingStore(DictStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[int] = []
+        self.writes: list[int] = []
+
+    def get_many(self, keys: Sequence[bytes]) -> Mapping[bytes, list[str]]:
+        self.reads.append(len(keys))
+        return super().get_many(keys)
+
+    def put_many(self, model_id: str, items: Mapping[bytes, list[str]]) -> None:
+        self.writes.append(len(items))
+        super().put_many(model_id, items)
+
+
+def test_answers_wait_for_a_few_large_writes_and_are_found_while_they_wait() -> None:
+    engine, store = numbered_engine(), CountingStore()
+    cached = CachedEngine(engine, store, save_seconds=3600, save_generations=5)
+    cached.generate([sampled("p")])  # 2 generations wait
+    assert cached.generate([GenerationRequest("q", GREEDY)])[0].texts == ["3"]
+    assert store.writes == []
+    # Still waiting, and found there: the engine is not asked again.
+    assert cached.generate([GenerationRequest("q", GREEDY)])[0].texts == ["3"]
+    assert len(engine.calls) == 2
+    cached.generate([sampled("r")])  # 5 generations wait: written
+    assert store.writes == [3]
+    cached.generate([GenerationRequest("s", GREEDY)])
+    cached.save()
+    cached.save()  # nothing left: no write
+    assert store.writes == [3, 1] and len(store.rows) == 4
+
+
+def test_without_a_delay_each_engine_call_is_written_after_it() -> None:
+    """As with an engine call of a real model, which takes longer than `save_seconds`."""
+    engine, store = numbered_engine(), CountingStore()
+    cached = CachedEngine(engine, store, save_seconds=0)
+    cached.generate([sampled("p"), sampled("q")])
+    cached.generate([sampled("p")])
+    assert store.writes == [2, 1]
+
+
+def test_a_step_reads_the_cache_once_for_the_calls_after_its_first() -> None:
+    """As the runner's steps come: calls of a few prompts each, then the same prompts again
+    under other options (the samples), then at their next draw."""
+    engine, store = numbered_engine(), CountingStore()
+    steps = [
+        [GenerationRequest(p, GREEDY) for p in "pqr"],
+        [sampled(p) for p in "pqr"],
+        [sampled(p) for p in "pqr"],
+    ]
+    first = CachedEngine(engine, store)
+    answers = [[first.generate([r])[0].texts for r in step] for step in steps]
+    # New prompts: a read each. A new step: one read for the prompts seen, none after it.
+    assert store.reads == [1, 1, 1, 3, 3]
+    assert answers[1] == [["4", "5"], ["6", "7"], ["8", "9"]]
+    assert answers[2] == [["10", "11"], ["12", "13"], ["14", "15"]]
+    first.save()
+    again = CachedEngine(engine, store)
+    assert [[again.generate([r])[0].texts for r in step] for step in steps] == answers
+    assert len(engine.calls) == 9 and again.new_generations == 0
+    assert again.cached_generations == 3 + 6 + 6

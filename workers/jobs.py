@@ -273,14 +273,17 @@ def run_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
             repository.SqlGenerationStore(connection),
             namespace=namespace,
         )
-        result = audit_batch(
-            examples,
-            sets,
-            engine,
-            config,
-            call_generations=worker.settings.engine_call_generations,
-            checkpoint=lease.check,
-        )
+        try:
+            result = audit_batch(
+                examples,
+                sets,
+                engine,
+                config,
+                call_generations=worker.settings.engine_call_generations,
+                checkpoint=lease.check,
+            )
+        finally:
+            engine.save()  # what the engine made stays for a later run, however this one ended
 
     with worker.sessions.begin() as session:
         status = repository.lock_job_status(session, chunk.job_id)
