@@ -76,6 +76,8 @@ def this_worker() -> jobs.Worker:
         engine_for=engine_for,
         queue=get_queue(),
         settings=get_settings(),
+        # The engine generates the next chunk while the last one's verdicts are written.
+        writes=jobs.Writes(pipelined=True),
     )
 
 
@@ -119,6 +121,9 @@ def start_sweeper(**_: Any) -> None:
 @worker_shutdown.connect
 def shut_down(**_: Any) -> None:
     _stop_sweeping.set()
+    # The chunk being written is still this worker's: its leases go back once it is done.
+    if not this_worker().writes.drain(timeout=get_settings().lease_seconds):
+        log.warning("a chunk write outlasted the shutdown's wait; its lease expires")
     try:
         jobs.release_leases(this_worker())
     except Exception as exc:
