@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -39,15 +39,9 @@ from app.models import Chunk, ChunkStatus, Job, JobStatus, utcnow
 from app.models import Example as ExampleRow
 from app.queue import SEND_WEBHOOK, WORK, Queue, QueueUnavailable
 from app.settings import Settings
-from workers.engines.base import (
-    Engine,
-    EngineRefused,
-    EngineUnavailable,
-    GenerationRequest,
-    GenerationResult,
-)
+from workers.engines.base import Engine, EngineRefused, EngineUnavailable
 from workers.engines.cached import CachedEngine
-from workers.runner import BatchResult, audit_batch
+from workers.runner import BatchResult, TimedEngine, audit_batch
 
 log = logging.getLogger(__name__)
 
@@ -405,25 +399,6 @@ def write_chunk(worker: Worker, chunk: repository.ClaimedChunk, judged: JudgedCh
         row.finished_at = utcnow()
         count_chunk(session, row)
     return True
-
-
-class TimedEngine:
-    """An engine that adds up the seconds its calls take: the model's busy time."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.model_id = engine.model_id
-        self.seconds = 0.0
-
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        started = time.perf_counter()
-        try:
-            return self.engine.generate(requests)
-        finally:
-            self.seconds += time.perf_counter() - started
-
-    def close(self) -> None:
-        self.engine.close()
 
 
 def load_engine(worker: Worker, student: dict[str, Any]) -> Engine:
