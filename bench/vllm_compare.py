@@ -1,6 +1,7 @@
 """Against bare vLLM: the same SliCK work through `vllm.LLM.generate`, `kma audit` and the service.
 
-Usage: .venv/bin/python bench/vllm_compare.py [--examples 80] [--keep]
+Usage: .venv/bin/python bench/vllm_compare.py [--examples 80] [--chunk-size N] [--service-only]
+                                              [--keep]
 
 One run, the tiny student on vLLM (on this machine's CPU), a world of invented facts
 (`kma.tiny_student.write_dataset`, half the facts trained, half unseen):
@@ -11,7 +12,14 @@ One run, the tiny student on vLLM (on this machine's CPU), a world of invented f
 - **kma audit** (`workers.local_audit.audit_file`), full and adaptive, on that same engine;
 - **the service**: a real `kma api` and a real `kma worker` (Celery, PostgreSQL, the generation
   cache, leases, the verdict writes, the report) with the student registered on the vllm engine,
-  full and adaptive. A warm-up job loads the model in the worker first; its time is left out.
+  full and adaptive. A warm-up job loads the model in the worker (while this process loads its
+  own); its time is left out.
+
+Bare vLLM runs both ways: all in one call, and in two calls (the greedy answers, then the
+samples, as kma's runner steps). The runs are interleaved (bare one call, bare two calls, audit
+full, service full, audit adaptive, service adaptive, bare two calls, bare one call; the ratios
+take the mean of each bare way's two runs) so that a shared machine's changing load
+weighs on each path alike; the load average is recorded around each run.
 
 Full-mode runs share one seed (the same prompts), adaptive runs another; vLLM's prefix cache is
 emptied before each in-process run, and the service's database is fresh, so no run finds another's
@@ -28,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -69,6 +78,8 @@ SEEDS: dict[Mode, int] = {"full": 101, "adaptive": 202}
 MODES: tuple[Mode, ...] = ("full", "adaptive")
 WARM_UP_SEED = 303
 JOB_TIMEOUT = 1800.0
+BARE = {1: "bare", 2: "bare 2 calls"}
+POLL_SECONDS = 0.5
 
 
 @dataclass
@@ -111,8 +122,9 @@ def the_student() -> Student:
     return Student(name=STUDENT_NAME, engine="vllm", model=str(STUDENT_PATH))
 
 
-def bare_run(engine: VLLMEngine, examples: list[Example]) -> Run:
-    """Every prompt and option kma sends in full mode, in one `LLM.generate` call."""
+def bare_run(engine: VLLMEngine, examples: list[Example], calls: int) -> Run:
+    """Every prompt and option kma sends in full mode, in one `LLM.generate` call, or in two
+    (the greedy answers, then the samples), as kma's runner steps."""
     from vllm import SamplingParams
 
     config = AuditConfig(mode="full", seed=SEEDS["full"])
@@ -137,15 +149,18 @@ def bare_run(engine: VLLMEngine, examples: list[Example]) -> Run:
         )
         for o in options
     ]
-    texts = prompts * 2
-    each = [params[0]] * len(prompts) + [params[1]] * len(prompts)
+    batches = [(prompts, [params[0]] * len(prompts)), (prompts, [params[1]] * len(prompts))]
+    if calls == 1:
+        batches = [(prompts * 2, batches[0][1] + batches[1][1])]
     engine.llm.reset_prefix_cache()
     before = load()
     started = time.perf_counter()
-    outputs = engine.llm.generate(texts, each, use_tqdm=False)
+    generations = 0
+    for texts, each in batches:
+        outputs = engine.llm.generate(texts, each, use_tqdm=False)
+        generations += sum(len(out.outputs) for out in outputs)
     seconds = time.perf_counter() - started
-    generations = sum(len(out.outputs) for out in outputs)
-    return Run("bare", "full", seconds, generations, before, load())
+    return Run(BARE[calls], "full", seconds, generations, before, load())
 
 
 def local_run(engine: VLLMEngine, path: Path, mode: Mode, work_dir: Path) -> Run:
@@ -208,10 +223,7 @@ def worker(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[byt
         stop_process(process, timeout=120)
 
 
-def run_job(
-    client: httpx.Client, process: subprocess.Popen[bytes], dataset_id: str, config: AuditConfig
-) -> str:
-    """Submit a job and wait for its success; its id."""
+def submit(client: httpx.Client, dataset_id: str, config: AuditConfig) -> str:
     response = client.post(
         "/v1/jobs",
         json={
@@ -222,19 +234,23 @@ def run_job(
     )
     if response.status_code != 202:
         raise RuntimeError(f"job submission answered {response.status_code}: {response.text}")
-    job_id = str(response.json()["id"])
+    return str(response.json()["id"])
+
+
+def wait(client: httpx.Client, process: subprocess.Popen[bytes], job_id: str) -> None:
+    """Until the job succeeds; its times are the database's, so a slow poll costs nothing."""
     deadline = time.monotonic() + JOB_TIMEOUT
     while True:
         job = client.get(f"/v1/jobs/{job_id}").json()
         if job["status"] == "succeeded":
-            return job_id
+            return
         if job["status"] not in ("queued", "running"):
             raise RuntimeError(f"job {job_id} ended {job['status']}: {job.get('error')}")
         if process.poll() is not None:
             raise RuntimeError(f"the worker exited with status {process.returncode}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} still {job['status']}")
-        time.sleep(0.1)
+        time.sleep(POLL_SECONDS)
 
 
 def service_run(
@@ -271,7 +287,9 @@ def service_run(
     )
 
 
-def run(examples: int, work_dir: Path, keep: bool) -> Result:
+def run(
+    examples: int, chunk_size: int | None, service_only: bool, work_dir: Path, keep: bool
+) -> Result:
     dataset = work_dir / "facts.jsonl"
     write_dataset(dataset, n_trained=examples // 2, n_unseen=examples - examples // 2)
     warm_up = work_dir / "warm-up.jsonl"
@@ -280,45 +298,56 @@ def run(examples: int, work_dir: Path, keep: bool) -> Result:
     runs: list[Run] = []
     loads: dict[str, float] = {}
 
-    started = time.perf_counter()
-    engine = VLLMEngine(str(STUDENT_PATH))
-    loads["in process"] = time.perf_counter() - started
-    print(f"engine loaded in {loads['in process']:.0f} s", file=sys.stderr)
-    try:
-        runs.append(bare_run(engine, examples_list))
-        for mode in MODES:
-            runs.append(local_run(engine, dataset, mode, work_dir))
-            print(f"{runs[-1].path} {mode}: {runs[-1].seconds:.1f} s", file=sys.stderr)
-    finally:
-        engine.close()  # its cores and memory go to the service's worker
-
     with ExitStack() as stack:
         database_url, database_source = stack.enter_context(database(work_dir, keep))
         broker_url, broker_source = stack.enter_context(broker(work_dir, REDIS_DB))
         env = service_env(database_url, broker_url)
+        if chunk_size is not None:
+            env["KMA_CHUNK_SIZE"] = str(chunk_size)
         base_url = stack.enter_context(api(env, work_dir / "api.log"))
         headers = {"Authorization": f"Bearer {api_key(database_url)}"}
         client = stack.enter_context(httpx.Client(base_url=base_url, timeout=60, headers=headers))
         process = stack.enter_context(worker(env, work_dir / "worker.log"))
-        warm_up_id, _ = upload(client, warm_up, 4)
-        started = time.perf_counter()
-        run_job(client, process, warm_up_id, AuditConfig(mode="adaptive", seed=WARM_UP_SEED))
-        loads["service worker (warm-up job)"] = time.perf_counter() - started
         dataset_id, _ = upload(client, dataset, examples)
+        warm_up_id, _ = upload(client, warm_up, 4)
+        # The worker loads its model with the warm-up job while this process loads its own.
+        started = time.perf_counter()
+        warm_up_job = submit(client, warm_up_id, AuditConfig(mode="adaptive", seed=WARM_UP_SEED))
+        engine = None
+        if not service_only:
+            engine = VLLMEngine(str(STUDENT_PATH))
+            stack.callback(engine.close)
+            loads["in process"] = time.perf_counter() - started
+        wait(client, process, warm_up_job)
+        loads["service worker (warm-up job)"] = time.perf_counter() - started
+        print(f"engines loaded in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+
+        # Interleaved, so that the machine's changing load weighs on each path alike.
+        if engine is not None:
+            runs += [bare_run(engine, examples_list, calls) for calls in (1, 2)]
         for mode in MODES:
+            if engine is not None:
+                runs.append(local_run(engine, dataset, mode, work_dir))
             before = load()
-            job_id = run_job(client, process, dataset_id, AuditConfig(mode=mode, seed=SEEDS[mode]))
+            job_id = submit(client, dataset_id, AuditConfig(mode=mode, seed=SEEDS[mode]))
+            wait(client, process, job_id)
             runs.append(service_run(client, database_url, job_id, mode, before))
-            print(f"service {mode}: {runs[-1].seconds:.1f} s", file=sys.stderr)
+            print(f"{mode}: {[f'{r.path} {r.seconds:.1f} s' for r in runs]}", file=sys.stderr)
+        if engine is not None:
+            runs += [bare_run(engine, examples_list, calls) for calls in (2, 1)]
         found = machine(database_url)
 
-    by = {(r.path, r.mode): r.seconds for r in runs}
-    ratios = {
-        "bare / kma audit full": by[("bare", "full")] / by[("kma audit", "full")],
-        "bare / service full": by[("bare", "full")] / by[("service", "full")],
-        "bare full / kma audit adaptive": by[("bare", "full")] / by[("kma audit", "adaptive")],
-        "bare full / service adaptive": by[("bare", "full")] / by[("service", "adaptive")],
-    }
+    ratios: dict[str, float] = {}
+    if engine is not None:
+        by = {(r.path, r.mode): r.seconds for r in runs if r.path not in BARE.values()}
+        for name in BARE.values():
+            bare = statistics.mean(r.seconds for r in runs if r.path == name)
+            ratios |= {
+                f"{name} / kma audit full": bare / by[("kma audit", "full")],
+                f"{name} / service full": bare / by[("service", "full")],
+                f"{name} full / kma audit adaptive": bare / by[("kma audit", "adaptive")],
+                f"{name} full / service adaptive": bare / by[("service", "adaptive")],
+            }
     return Result(
         examples=examples,
         config=AuditConfig().model_dump(
@@ -336,12 +365,12 @@ def run(examples: int, work_dir: Path, keep: bool) -> Result:
 def table(result: Result) -> str:
     lines = [
         f"{result.examples} questions of the tiny student on vLLM (CPU)",
-        f"{'path':<10} {'mode':<9} {'s':>7} {'gens':>6} {'gen/s':>7} {'busy':>6} {'load':>11}",
+        f"{'path':<12} {'mode':<9} {'s':>7} {'gens':>6} {'gen/s':>7} {'busy':>6} {'load':>11}",
     ]
     for r in result.runs:
         busy = f"{r.busy_share:.1%}" if r.busy_share is not None else "-"
         lines.append(
-            f"{r.path:<10} {r.mode:<9} {r.seconds:>7.1f} {r.generations:>6} "
+            f"{r.path:<12} {r.mode:<9} {r.seconds:>7.1f} {r.generations:>6} "
             f"{r.generations / r.seconds:>7.0f} {busy:>6} "
             f"{r.load_before:>5.1f}-{r.load_after:<5.1f}"
         )
@@ -352,10 +381,16 @@ def table(result: Result) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--examples", type=int, default=80)
+    parser.add_argument("--chunk-size", type=int, help="the worker's KMA_CHUNK_SIZE")
+    parser.add_argument(
+        "--service-only", action="store_true", help="the service's runs alone, no bare vLLM"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work dir and database")
     args = parser.parse_args(argv)
     return run_in_work_dir(
-        lambda work_dir: run(args.examples, work_dir, args.keep),
+        lambda work_dir: run(
+            args.examples, args.chunk_size, args.service_only, work_dir, args.keep
+        ),
         table,
         args.keep,
         ["api.log", "worker.log"],
