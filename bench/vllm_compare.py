@@ -1,10 +1,10 @@
 """Against bare vLLM: the same SliCK work through `vllm.LLM.generate`, `kma audit` and the service.
 
-Usage: .venv/bin/python bench/vllm_compare.py [--examples 80] [--chunk-size N] [--service-only]
-                                              [--keep]
+Usage: .venv/bin/python bench/vllm_compare.py [--examples 80] [--unseen N] [--chunk-size N]
+                                              [--service-only] [--keep]
 
 One run, the tiny student on vLLM (on this machine's CPU), a world of invented facts
-(`kma.tiny_student.write_dataset`, half the facts trained, half unseen):
+(`kma.tiny_student.write_dataset`: `--unseen` of the facts unseen, default half, the rest trained):
 
 - **bare**: one `LLM.generate` call over exactly the prompts and sampling parameters kma sends in
   full mode (its own prompt builder and options: a greedy answer and `samples` samples of each of
@@ -105,6 +105,7 @@ class Run:
 @dataclass
 class Result:
     examples: int
+    unseen: int
     config: dict[str, Any]
     runs: list[Run]
     ratios: dict[str, float]
@@ -288,10 +289,15 @@ def service_run(
 
 
 def run(
-    examples: int, chunk_size: int | None, service_only: bool, work_dir: Path, keep: bool
+    examples: int,
+    unseen: int,
+    chunk_size: int | None,
+    service_only: bool,
+    work_dir: Path,
+    keep: bool,
 ) -> Result:
     dataset = work_dir / "facts.jsonl"
-    write_dataset(dataset, n_trained=examples // 2, n_unseen=examples - examples // 2)
+    write_dataset(dataset, n_trained=examples - unseen, n_unseen=unseen)
     warm_up = work_dir / "warm-up.jsonl"
     write_dataset(warm_up, n_trained=2, n_unseen=2, seed=1)
     examples_list = [r.example for r in read_dataset(dataset)]
@@ -350,6 +356,7 @@ def run(
             }
     return Result(
         examples=examples,
+        unseen=unseen,
         config=AuditConfig().model_dump(
             mode="json", include={"n_exemplar_sets", "shots", "samples", "max_new_tokens"}
         ),
@@ -364,7 +371,7 @@ def run(
 
 def table(result: Result) -> str:
     lines = [
-        f"{result.examples} questions of the tiny student on vLLM (CPU)",
+        f"{result.examples} questions ({result.unseen} unseen) of the tiny student on vLLM (CPU)",
         f"{'path':<12} {'mode':<9} {'s':>7} {'gens':>6} {'gen/s':>7} {'busy':>6} {'load':>11}",
     ]
     for r in result.runs:
@@ -381,6 +388,7 @@ def table(result: Result) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--examples", type=int, default=80)
+    parser.add_argument("--unseen", type=int, help="facts the student never saw (default: half)")
     parser.add_argument("--chunk-size", type=int, help="the worker's KMA_CHUNK_SIZE")
     parser.add_argument(
         "--service-only", action="store_true", help="the service's runs alone, no bare vLLM"
@@ -389,7 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     return run_in_work_dir(
         lambda work_dir: run(
-            args.examples, args.chunk_size, args.service_only, work_dir, args.keep
+            args.examples,
+            args.examples // 2 if args.unseen is None else args.unseen,
+            args.chunk_size,
+            args.service_only,
+            work_dir,
+            args.keep,
         ),
         table,
         args.keep,
