@@ -1,7 +1,8 @@
 """Celery tasks and the worker's life: thin wrappers over the steps in `workers.jobs`.
 
 Run a worker with `kma worker` (one process per GPU, solo pool). Besides its tasks, each worker
-runs the sweeper in a thread of its own.
+runs the sweeper in a thread of its own, and writes each chunk's verdicts from a writer thread
+while its next task generates (`jobs.Writes`).
 """
 
 from __future__ import annotations
