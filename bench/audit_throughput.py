@@ -23,9 +23,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from app.audit.schemas import AuditConfig  # noqa: E402
+from app.students.schemas import Student  # noqa: E402
 from kma.tiny_student import ensure_student, write_dataset  # noqa: E402
 from workers.engines import load_engine  # noqa: E402
 from workers.local_audit import audit_file, read_dataset  # noqa: E402
+from workers.runner import TimedEngine  # noqa: E402
 
 
 def device() -> str:
@@ -55,17 +57,18 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     for engine_name in args.engines.split(","):
         started = time.perf_counter()
-        engine = load_engine(engine_name, student)
+        loaded = load_engine(engine_name, student)
         load_s = time.perf_counter() - started
         try:
             for mode in args.modes.split(","):
+                engine = TimedEngine(loaded)
                 started = time.perf_counter()
                 report = audit_file(
                     records,
                     engine,
                     AuditConfig(mode=mode),
                     work / f"{engine_name}-{mode}",
-                    engine_name=engine_name,
+                    student=Student(name=student, engine=engine_name, model=student),
                     chunk_size=len(records),
                 )
                 seconds = time.perf_counter() - started
@@ -74,17 +77,18 @@ def main() -> None:
                         "engine": engine_name,
                         "mode": mode,
                         "examples": len(records),
-                        "generations": report["generations"],
-                        "engine_calls": report["engine_calls"],
+                        "generations": report.generations,
+                        "engine_calls": engine.calls,
+                        "engine_s": round(engine.seconds, 2),
                         "seconds": round(seconds, 2),
                         "examples_per_s": round(len(records) / seconds, 1),
-                        "generations_per_s": round(report["generations"] / seconds, 1),
+                        "generations_per_s": round(report.generations / seconds, 1),
                         "load_s": round(load_s, 1),
-                        "categories": report["categories"],
+                        "categories": {str(k): v for k, v in report.categories.items() if v},
                     }
                 )
         finally:
-            engine.close()
+            loaded.close()
 
     print(f"\nstudent {student}, {len(records)} examples, on {device()}")
     print(f"{'engine':<7} {'mode':<9} {'gens':>7} {'calls':>5} {'s':>7} {'ex/s':>7} {'gen/s':>8}")

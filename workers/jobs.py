@@ -13,8 +13,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import kombu.exceptions
@@ -43,7 +44,7 @@ from app.students.schemas import Student
 from workers.engines.base import Engine, EngineRefused, EngineUnavailable, model_id_of
 from workers.engines.cached import CachedEngine
 from workers.engines.lazy import LazyEngine
-from workers.runner import audit_batch
+from workers.runner import BatchResult, TimedEngine, audit_batch
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,54 @@ def student_model_id(student: dict[str, Any]) -> str:
     return model_id_of(spec.model, spec.revision)
 
 
+class Writes:
+    """Where a worker's chunk writes run: here and now, or (`pipelined`) in a writer thread, so
+    that the engine generates the next chunk while the last one's verdicts are written.
+
+    At most one write is outstanding: handing another waits for it (back-pressure, and the
+    order of a worker's writes is the order of its chunks). A write handles its own faults
+    (retries, the chunk's failures); one that escapes is logged. `drain()` waits for the
+    outstanding write, as a clean shutdown must before it gives the worker's leases back.
+    """
+
+    def __init__(self, *, pipelined: bool = False) -> None:
+        self._executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-writer")
+            if pipelined
+            else None
+        )
+        self._outstanding: Future[None] | None = None
+
+    def hand(self, job_id: uuid.UUID, write: Callable[[], None]) -> None:
+        if self._executor is None:
+            write()
+            return
+        self.drain()
+        self._outstanding = self._executor.submit(_logged, job_id, write)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait for the outstanding write; False if it is still running after `timeout`."""
+        outstanding = self._outstanding
+        if outstanding is None:
+            return True
+        try:
+            outstanding.result(timeout)
+        except TimeoutError:
+            return False
+        self._outstanding = None
+        return True
+
+
+def _logged(job_id: uuid.UUID, write: Callable[[], None]) -> None:
+    with job_logging(str(job_id)):
+        try:
+            write()
+        except Exception:
+            log.exception(
+                "a chunk write of job %s failed; its lease and the sweeper mend it", job_id
+            )
+
+
 @dataclass(frozen=True)
 class Worker:
     """What a worker's steps need: its name (who holds a lease), and its dependencies."""
@@ -118,6 +167,7 @@ class Worker:
     model_id_for: Callable[[dict[str, Any]], str] = student_model_id
     """The `model_id` of the engine `engine_for` gives a student, known without loading it:
     the generation cache's keys hold it, and a chunk whose answers are all cached loads none."""
+    writes: Writes = field(default_factory=Writes)
 
 
 def hint(queue: Queue, count: int) -> None:
@@ -192,7 +242,51 @@ def to_example(row: ExampleRow, record_format: str) -> Example:
 
 
 def run_claimed_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
-    """Run a chunk this worker holds, retrying it in place through transient faults.
+    """Run a chunk this worker holds: generate and judge its examples here, then hand its write
+    to `worker.writes` (a thread of its own in a pipelined worker, so that the next chunk
+    generates while this one writes). The lease is renewed until the write commits or is given
+    up; a worker that dies before that loses nothing committed, and the sweeper hands the chunk
+    out again once the lease runs out.
+    """
+    lease = Lease(worker, chunk)
+    lease.start()
+    try:
+        judged = retrying(worker, chunk, lambda: judge_chunk(worker, chunk, lease))
+    except BaseException:
+        lease.stop()
+        raise
+    if judged is None:
+        lease.stop()
+        return
+    worker.writes.hand(chunk.job_id, lambda: write_and_finalize(worker, chunk, judged, lease))
+
+
+def run_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
+    """Audit the chunk's examples and write their verdicts, here and now, without retries:
+    read, generate, write, each apart."""
+    with Lease(worker, chunk) as lease:
+        write_chunk(worker, chunk, judge_chunk(worker, chunk, lease))
+
+
+def write_and_finalize(
+    worker: Worker, chunk: repository.ClaimedChunk, judged: JudgedChunk, lease: Lease
+) -> None:
+    """The second half of a chunk: write it (retried through transient faults), give up its
+    lease, and finish the job if it was the last."""
+    try:
+        written = retrying(worker, chunk, lambda: write_chunk(worker, chunk, judged))
+    finally:
+        lease.stop()
+    if written is not None:
+        finalize_when_done(worker, chunk.job_id)
+
+
+T = TypeVar("T")
+
+
+def retrying(worker: Worker, chunk: repository.ClaimedChunk, step: Callable[[], T]) -> T | None:
+    """Run one step of a chunk this worker holds, again in place through transient faults; None
+    when the chunk is left: stopped, failed, done by another worker, or left to its lease.
 
     A permanent fault fails the job; an unexpected error counts against the chunk, which fails
     the job after `max_chunk_failures`. Past `transient_retry_seconds` the chunk is left to its
@@ -203,30 +297,29 @@ def run_claimed_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
     delay = 0.5
     while True:
         try:
-            run_chunk(worker, chunk)
-            break
+            return step()
         except Stopped as exc:
             log.info("chunk %s of job %s stopped: %s", chunk.index, chunk.job_id, exc)
-            return
+            return None
         except PermanentError as exc:
             log.exception("chunk %s of job %s failed", chunk.index, chunk.job_id)
             fail_job(worker, chunk.job_id, str(exc))
-            return
+            return None
         except EngineRefused:
             log.exception("chunk %s of job %s: the engine refused", chunk.index, chunk.job_id)
             fail_job(
                 worker, chunk.job_id, "the student's engine refused a request (see the worker logs)"
             )
-            return
+            return None
         except Exception as exc:
             if not is_transient(exc):
                 count_failure(worker, chunk, exc)
-                return
+                return None
             if time.monotonic() > deadline:
                 log.warning(
                     "chunk %s: still failing (%s); leaving it to its lease", chunk.index, exc
                 )
-                return
+                return None
             log.warning("chunk %s: transient fault (%s); again in %.1f s", chunk.index, exc, delay)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
@@ -243,12 +336,26 @@ def run_claimed_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
                     raise
                 continue  # the database is still away: the loop waits and tries again
             if again is None:
-                return  # done by another worker, or its job ended
-    finalize_when_done(worker, chunk.job_id)
+                return None  # done by another worker, or its job ended
 
 
-def run_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
-    """Audit the chunk's examples and write their verdicts: read, generate, write, each apart."""
+@dataclass
+class JudgedChunk:
+    """A chunk generated and judged, its write still to do."""
+
+    positions: list[int]
+    result: BatchResult
+    generations: int
+    cached_generations: int
+    engine_seconds: float
+    """Seconds in the model's own calls, the generation cache's reads and writes left out."""
+    started: float
+    """`time.monotonic()` when the chunk's generation began."""
+
+
+def judge_chunk(worker: Worker, chunk: repository.ClaimedChunk, lease: Lease) -> JudgedChunk:
+    """Read the chunk's examples, generate what they need and judge them; writes nothing but
+    the generation cache's rows, each committed after its engine call."""
     with worker.sessions() as session:
         job = session.get(Job, chunk.job_id, options=[defer(Job.exemplar_sets)])
         if job is None or job.status != JobStatus.RUNNING:
@@ -263,16 +370,12 @@ def run_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
         examples = [to_example(row, record_format) for row in rows]
 
     started = time.monotonic()
-    with (
-        autocommit_connection(worker.sessions) as connection,
-        Lease(worker, chunk, connection) as lease,
-    ):
-        engine = CachedEngine(
+    with autocommit_connection(worker.sessions) as connection:
+        model = TimedEngine(
             # Loaded only if an answer is missing from the cache: a rescore in full mode never.
-            LazyEngine(lambda: load_engine(worker, student), worker.model_id_for(student)),
-            repository.SqlGenerationStore(connection),
-            namespace=namespace,
+            LazyEngine(lambda: load_engine(worker, student), worker.model_id_for(student))
         )
+        engine = CachedEngine(model, repository.SqlGenerationStore(connection), namespace=namespace)
         try:
             result = audit_batch(
                 examples,
@@ -280,32 +383,46 @@ def run_chunk(worker: Worker, chunk: repository.ClaimedChunk) -> None:
                 engine,
                 config,
                 call_generations=worker.settings.engine_call_generations,
-                checkpoint=lease.check,
+                checkpoint=lease.checkpoint(connection),
             )
         finally:
             engine.save()  # what the engine made stays for a later run, however this one ended
+    return JudgedChunk(
+        positions,
+        result,
+        engine.new_generations,
+        engine.cached_generations,
+        model.seconds,
+        started,
+    )
 
+
+def write_chunk(worker: Worker, chunk: repository.ClaimedChunk, judged: JudgedChunk) -> bool:
+    """In one transaction: the chunk's verdicts, its counters, and the job's; False when another
+    worker wrote it first. Raises `Stopped` once the job is no longer running (a cancel)."""
     with worker.sessions.begin() as session:
         status = repository.lock_job_status(session, chunk.job_id)
         if status != JobStatus.RUNNING:
             raise Stopped(f"the job is {status.value if status else 'gone'}")
         row = session.get(Chunk, (chunk.job_id, chunk.index), with_for_update=True)
         if row is None or row.status == ChunkStatus.DONE:
-            return  # another worker finished it while this one was away
+            return False  # another worker finished it while this one was away
+        result = judged.result
         repository.write_verdicts(
             session,
             chunk.job_id,
-            list(zip(positions, result.verdicts, result.tallies, strict=True)),
+            list(zip(judged.positions, result.verdicts, result.tallies, strict=True)),
         )
         row.status = ChunkStatus.DONE
         row.claimed_by = row.lease_expires_at = None
-        row.generations = engine.new_generations
-        row.cached_generations = engine.cached_generations
+        row.generations = judged.generations
+        row.cached_generations = judged.cached_generations
         row.engine_calls = result.stats.engine_calls
-        row.engine_seconds = result.stats.engine_seconds
-        row.seconds = time.monotonic() - started
+        row.engine_seconds = judged.engine_seconds
+        row.seconds = time.monotonic() - judged.started
         row.finished_at = utcnow()
         count_chunk(session, row)
+    return True
 
 
 def load_engine(worker: Worker, student: dict[str, Any]) -> Engine:
@@ -342,30 +459,35 @@ def count_failure(worker: Worker, chunk: repository.ClaimedChunk, exc: Exception
 
 
 class Lease:
-    """Keeps a claimed chunk's lease alive while the worker generates, from a thread of its own.
+    """Keeps a claimed chunk's lease alive, from a thread of its own, while the worker
+    generates and until the chunk's write commits.
 
-    `check()` is the runner's checkpoint between engine calls: it raises `Stopped` once the job
-    is no longer running (a cancel) or the lease went to another worker. It reads on
-    `connection`, the chunk's own (in autocommit mode), and leaves renewing to the thread.
+    `checkpoint(connection)` is the runner's check between engine calls: it raises `Stopped`
+    once the job is no longer running (a cancel) or the lease went to another worker. It reads
+    on `connection`, the chunk's own (in autocommit mode), and leaves renewing to the thread.
     """
 
-    def __init__(
-        self, worker: Worker, chunk: repository.ClaimedChunk, connection: Connection
-    ) -> None:
+    def __init__(self, worker: Worker, chunk: repository.ClaimedChunk) -> None:
         self.worker = worker
         self.chunk = chunk
-        self.connection = connection
         self.lost: str | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="lease", daemon=True)
 
-    def __enter__(self) -> Lease:
+    def start(self) -> None:
         self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __enter__(self) -> Lease:
+        self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
+        self.stop()
 
     def _beat(self) -> None:
         interval = self.worker.settings.lease_seconds / 4
@@ -382,10 +504,13 @@ class Lease:
             )
         self._note(status)
 
-    def check(self) -> None:
-        self._note(repository.held_job_status(self.connection, self.chunk, self.worker.name))
-        if self.lost:
-            raise Stopped(self.lost)
+    def checkpoint(self, connection: Connection) -> Callable[[], None]:
+        def check() -> None:
+            self._note(repository.held_job_status(connection, self.chunk, self.worker.name))
+            if self.lost:
+                raise Stopped(self.lost)
+
+        return check
 
     def _note(self, status: JobStatus | None) -> None:
         """Take note of the job's status, None when the lease is no longer this worker's."""

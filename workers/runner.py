@@ -69,6 +69,28 @@ class RunStats:
         return results
 
 
+class TimedEngine:
+    """An engine that counts its calls and adds up the seconds they take: the model's busy
+    time, where the runner's own timing (`RunStats`) also holds the generation cache's."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.model_id = engine.model_id
+        self.calls = 0
+        self.seconds = 0.0
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        started = time.perf_counter()
+        self.calls += 1
+        try:
+            return self.engine.generate(requests)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def close(self) -> None:
+        self.engine.close()
+
+
 def _slices(requests: list[GenerationRequest], generations: int) -> list[list[GenerationRequest]]:
     """Consecutive runs of requests asking for at most `generations` completions each (a single
     request asking for more is a run of its own)."""

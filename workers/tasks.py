@@ -1,7 +1,8 @@
 """Celery tasks and the worker's life: thin wrappers over the steps in `workers.jobs`.
 
 Run a worker with `kma worker` (one process per GPU, solo pool). Besides its tasks, each worker
-runs the sweeper in a thread of its own.
+runs the sweeper in a thread of its own, and writes each chunk's verdicts from a writer thread
+while its next task generates (`jobs.Writes`).
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def this_worker() -> jobs.Worker:
         model_id_for=model_id_for,
         queue=get_queue(),
         settings=get_settings(),
+        # The engine generates the next chunk while the last one's verdicts are written.
+        writes=jobs.Writes(pipelined=True),
     )
 
 
@@ -120,6 +123,9 @@ def start_sweeper(**_: Any) -> None:
 @worker_shutdown.connect
 def shut_down(**_: Any) -> None:
     _stop_sweeping.set()
+    # The chunk being written is still this worker's: its leases go back once it is done.
+    if not this_worker().writes.drain(timeout=get_settings().lease_seconds):
+        log.warning("a chunk write outlasted the shutdown's wait; its lease expires")
     try:
         jobs.release_leases(this_worker())
     except Exception as exc:
