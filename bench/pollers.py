@@ -55,6 +55,7 @@ from app.jobs.repository import count_chunk  # noqa: E402
 from app.models import Chunk, ChunkStatus, Job, utcnow  # noqa: E402
 from app.queue import WORK, WORK_QUEUE  # noqa: E402
 from app.workspaces.service import create_key  # noqa: E402
+from bench.stalls import cpu_times, steal_share  # noqa: E402
 from bench.upload_export import (  # noqa: E402
     STUDENT,
     api_process,
@@ -286,6 +287,8 @@ class Result:
     """CPU time of the clients (this process), which share the machine, per request."""
     load_average_before: tuple[float, float, float]
     load_average_after: tuple[float, float, float]
+    steal_share: float | None
+    """The share of the machine's CPU time its hypervisor gave to others while they polled."""
     database: str
     broker: str
     settings: dict[str, str]
@@ -316,6 +319,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> Result:
             job = client.get(f"/v1/jobs/{job_id}").json()
             assert job["progress"]["done"] == args.examples, job
         load_before = os.getloadavg()
+        ticks_before = cpu_times()
         processes = processes_of(api.pid, database_url)
         cpu_before = {role: cpu_seconds(found) for role, found in processes.items()}
         mode = f"every {args.interval} s" if args.interval else "closed loop"
@@ -335,6 +339,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> Result:
             )
         )
         load_after = os.getloadavg()
+        steal = steal_share(ticks_before, cpu_times())
         processes = processes_of(api.pid, database_url)
         cpu = {role: cpu_used(cpu_before[role], cpu_seconds(processes[role])) for role in processes}
         requests = len(tally.latencies)
@@ -358,6 +363,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> Result:
             clients_cpu_ms_per_request=round(cpu["clients"] / max(requests, 1) * 1000, 2),
             load_average_before=load_before,
             load_average_after=load_after,
+            steal_share=steal,
             database=database_source,
             broker=broker_source,
             settings={k: v for k, v in sorted(os.environ.items()) if k.startswith("KMA_DB_")},
@@ -384,6 +390,7 @@ def table(result: Result) -> str:
             "load average",
             f"{result.load_average_before[0]:.2f} before, {result.load_average_after[0]:.2f} after",
         ),
+        ("CPU stolen", f"{result.steal_share} (by the hypervisor)"),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

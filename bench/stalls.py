@@ -30,6 +30,25 @@ from bench.upload_export import LOCAL_POSTGRES
 SLEEP = 0.005
 
 
+def cpu_times() -> list[int]:
+    """The machine's CPU time by kind, in ticks since boot (the `cpu` line of /proc/stat:
+    user, nice, system, idle, iowait, irq, softirq, steal, ...); [] where there is none."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            return [int(ticks) for ticks in stat.readline().split()[1:]]
+    except OSError:
+        return []
+
+
+def steal_share(before: list[int], after: list[int]) -> float | None:
+    """The share of the machine's CPU time between two `cpu_times()` that its hypervisor gave
+    to others (steal): time our processes wanted a core and did not get one."""
+    if len(before) < 8 or len(after) < 8:
+        return None
+    total = sum(after[:8]) - sum(before[:8])
+    return round((after[7] - before[7]) / total, 3) if total else None
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
@@ -44,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[str, list[float]] = {"postgresql": [], "redis": [], "sleep_overrun": []}
     worst_at: dict[str, tuple[float, str]] = {name: (0.0, "") for name in samples}
     load_before = os.getloadavg()
+    ticks_before = cpu_times()
     with psycopg.connect(database_url, autocommit=True) as database:
         broker = redis.Redis.from_url(broker_url)
         until = time.monotonic() + args.seconds
@@ -65,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 if seconds > worst_at[name][0]:
                     worst_at[name] = (seconds, now)
     load_after = os.getloadavg()
+    steal = steal_share(ticks_before, cpu_times())
     result = {
         name: {
             "p50_ms": round(percentile(values, 50) * 1000, 2),
@@ -78,11 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<14} p50 {figures['p50_ms']} ms, p99 {figures['p99_ms']} ms, "
               f"max {figures['max_ms']} ms at {figures['max_at_utc']}")  # fmt: skip
     print(f"load average   {load_before[0]:.2f} before, {load_after[0]:.2f} after")
+    print(f"CPU stolen     {steal if steal is None else f'{steal:.0%}'} (by the hypervisor)")
     summary = {
         **result,
         "rounds": len(samples["redis"]),
         "load_average_before": load_before,
         "load_average_after": load_after,
+        "steal_share": steal,
     }
     print(json.dumps(summary))
     return 0
