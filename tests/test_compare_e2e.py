@@ -5,34 +5,22 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from kma.cli.processes import free_port, stop_process, wait_until_ready
-from kma.client import Client
 from kma.tiny_student import Fact, make_world, write_dataset
 from tests.conftest import fresh_database
-from tests.servers import clean_env, make_key, start_kma
+from tests.servers import Service, kma_service
 
 pytestmark = pytest.mark.slow
 
 QUICK = {"n_exemplar_sets": 4, "samples": 8}
 """Fewer prompts and samples than the defaults: the same categories for these students."""
-
-
-@dataclass
-class Service:
-    url: str
-    client: Client
-    env: dict[str, str]
 
 
 @pytest.fixture(scope="module")
@@ -45,30 +33,19 @@ def service(
 ) -> Iterator[Service]:
     """`kma api` and `kma worker` on a fresh database, with both students registered."""
     root = tmp_path_factory.mktemp("compare")
-    with fresh_database(postgres_admin_url) as database_url:
-        students = {
-            "tiny-a": {"engine": "hf", "model": str(student_dir)},
-            "tiny-b": {"engine": "hf", "model": str(student_b_dir)},
-        }
-        env = clean_env(
-            KMA_DATABASE_URL=database_url,
-            KMA_BROKER_URL=broker_url,
-            KMA_DATA_DIR=str(root),
-            KMA_STUDENTS=json.dumps(students),
-            KMA_CHUNK_SIZE="20",
-        )
-        port = free_port()
-        api = start_kma(["api", "--port", str(port)], env, root / "api.log")
-        worker = start_kma(["worker"], env, root / "worker.log")
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until_ready(f"{url}/readyz", api, timeout=120)
-            key = make_key(database_url)
-            yield Service(url, Client(url, api_key=key), {**env, "KMA_API_KEY": key})
-        finally:
-            stop_process(worker, timeout=60)
-            stop_process(api)
-            print((root / "worker.log").read_text()[-3000:])
+    with (
+        fresh_database(postgres_admin_url) as database_url,
+        kma_service(
+            root,
+            database_url,
+            broker_url,
+            {
+                "tiny-a": {"engine": "hf", "model": str(student_dir)},
+                "tiny-b": {"engine": "hf", "model": str(student_b_dir)},
+            },
+        ) as service,
+    ):
+        yield service
 
 
 def run(service: Service, dataset_id: str, student: str, **config: Any) -> dict[str, Any]:
@@ -76,16 +53,6 @@ def run(service: Service, dataset_id: str, student: str, **config: Any) -> dict[
     job = service.client.wait(job["id"], timeout=900, poll_seconds=0.5)
     assert job["status"] == "succeeded", job
     return job
-
-
-def kma(service: Service, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kma.cli", *args, "--server", service.url],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=service.env,
-    )
 
 
 def test_the_comparison_is_what_each_student_was_trained_on(
@@ -130,8 +97,8 @@ def test_the_comparison_is_what_each_student_was_trained_on(
     assert seen == truth
 
     out = tmp_path / "a-only.jsonl"
-    compared = kma(
-        service, "compare", a["id"], b["id"], "--known-by", "A", "--unknown-by", "B", "-o", str(out)
+    compared = service.kma(
+        "compare", a["id"], b["id"], "--known-by", "A", "--unknown-by", "B", "-o", str(out)
     )
     assert compared.returncode == 0, compared.stderr
     assert f"known by both {known.both}, by A only {known.first_only}" in compared.stdout
@@ -170,7 +137,7 @@ def test_the_estimate_is_what_the_job_takes(service: Service, tmp_path: Path) ->
     assert bounds.best <= generated <= bounds.worst
     assert bounds.best < generated < bounds.worst  # some facts known, some not
 
-    dry_run = kma(service, "submit", str(path), "--student", "tiny-a", "--dry-run",
+    dry_run = service.kma("submit", str(path), "--student", "tiny-a", "--dry-run",
                   "--config", "mode=full", "--config", "seed=11",
                   "--config", "n_exemplar_sets=4", "--config", "samples=8")  # fmt: skip
     assert dry_run.returncode == 0, dry_run.stderr

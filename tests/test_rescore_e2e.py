@@ -6,11 +6,8 @@ judging the stored answers with `contains` gives, and those of a fresh `contains
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +21,13 @@ from app.audit.schemas import AuditConfig
 from app.datasets.domain import parse_record
 from app.db import make_engine
 from app.models import Example, Verdict
-from kma.cli.processes import free_port, stop_process, wait_until_ready
-from kma.client import Client
 from kma.tiny_student import write_dataset
 from tests.conftest import fresh_database
-from tests.servers import clean_env, make_key, start_kma
+from tests.servers import Service, kma_service
 
 pytestmark = pytest.mark.slow
 
 QUICK = {"n_exemplar_sets": 4, "samples": 8}
-
-
-@dataclass
-class Service:
-    url: str
-    database_url: str
-    client: Client
-    env: dict[str, str]
 
 
 @pytest.fixture(scope="module")
@@ -52,26 +39,13 @@ def service(
 ) -> Iterator[Service]:
     """`kma api` and `kma worker` on a fresh database, with the tiny student registered."""
     root = tmp_path_factory.mktemp("rescore")
-    with fresh_database(postgres_admin_url) as database_url:
-        env = clean_env(
-            KMA_DATABASE_URL=database_url,
-            KMA_BROKER_URL=broker_url,
-            KMA_DATA_DIR=str(root),
-            KMA_STUDENTS=json.dumps({"tiny": {"engine": "hf", "model": str(student_dir)}}),
-            KMA_CHUNK_SIZE="20",
-        )
-        port = free_port()
-        api = start_kma(["api", "--port", str(port)], env, root / "api.log")
-        worker = start_kma(["worker"], env, root / "worker.log")
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until_ready(f"{url}/readyz", api, timeout=120)
-            key = make_key(database_url)
-            yield Service(url, database_url, Client(url, api_key=key), {**env, "KMA_API_KEY": key})
-        finally:
-            stop_process(worker, timeout=60)
-            stop_process(api)
-            print((root / "worker.log").read_text()[-3000:])
+    with (
+        fresh_database(postgres_admin_url) as database_url,
+        kma_service(
+            root, database_url, broker_url, {"tiny": {"engine": "hf", "model": str(student_dir)}}
+        ) as service,
+    ):
+        yield service
 
 
 @pytest.fixture(scope="module")
@@ -134,23 +108,13 @@ def judged_again(
         engine.dispose()
 
 
-def kma(service: Service, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kma.cli", *args, "--server", service.url],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=service.env,
-    )
-
-
 def test_a_contains_rescore_is_a_fresh_contains_job_with_no_generation(
     service: Service, dataset_id: str
 ) -> None:
     exact = run(service, dataset_id, mode="full", **QUICK)
     assert exact["generations"]["new"] == 60 * 4 * 9
 
-    rescored = kma(service, "rescore", exact["id"], "--config", "matcher=contains", "--wait")
+    rescored = service.kma("rescore", exact["id"], "--config", "matcher=contains", "--wait")
     assert rescored.returncode == 0, rescored.stderr
     job_id = rescored.stdout.strip()
     job = service.client.get_job(job_id)
