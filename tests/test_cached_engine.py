@@ -133,6 +133,19 @@ def test_answers_wait_for_a_few_large_writes_and_are_found_while_they_wait() -> 
     assert store.writes == [3, 1] and len(store.rows) == 4
 
 
+def test_the_answers_still_waiting_can_be_taken_to_be_written_elsewhere() -> None:
+    engine, store = numbered_engine(), CountingStore()
+    cached = CachedEngine(engine, store, save_seconds=3600)
+    cached.generate([sampled("p"), GenerationRequest("q", GREEDY)])
+    unsaved = cached.take_unsaved()
+    assert sorted(unsaved.values()) == [["1", "2"], ["3"]]
+    cached.save()  # taken: nothing is left to write here
+    assert store.writes == [] and cached.take_unsaved() == {}
+    # Still known to the wrapper: asked again, the engine is not.
+    assert cached.generate([GenerationRequest("q", GREEDY)])[0].texts == ["3"]
+    assert len(engine.calls) == 1
+
+
 def test_without_a_delay_each_engine_call_is_written_after_it() -> None:
     """As with an engine call of a real model, which takes longer than `save_seconds`."""
     engine, store = numbered_engine(), CountingStore()

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.jobs import lifecycle
-from app.models import Chunk, ChunkStatus, Job, JobStatus, Verdict
+from app.models import Chunk, ChunkStatus, Generation, Job, JobStatus, Verdict
 from tests.test_jobs import count, get_job, knows_even_numbers, make_job, make_worker
 from workers import jobs
 from workers.engines.fake import FakeEngine
@@ -154,11 +154,12 @@ def test_a_write_that_fails_counts_against_its_chunk_which_runs_again(
     assert count(sessions, Verdict, job_id) == 4
 
 
-def test_a_cancel_between_generation_and_write_writes_nothing(
+def test_a_cancel_between_generation_and_write_writes_no_verdict_but_keeps_the_generations(
     sessions: sessionmaker[Session], held_writes: HeldWrites
 ) -> None:
     job_id = make_job(sessions, 4)
-    worker = pipelined(sessions, FakeEngine(knows_even_numbers))
+    engine = FakeEngine(knows_even_numbers)
+    worker = pipelined(sessions, engine)
     assert jobs.plan_next_job(worker) and jobs.work_once(worker)
     assert held_writes.started.wait(WAIT)
     with sessions.begin() as session:
@@ -170,6 +171,10 @@ def test_a_cancel_between_generation_and_write_writes_nothing(
     assert get_job(sessions, job_id).status == JobStatus.CANCELLED
     assert count(sessions, Verdict, job_id) == 0
     assert chunk_row(sessions, job_id, 0).status == ChunkStatus.PENDING
+    # The cache rows still waiting when the chunk was judged went with its write: a request a row.
+    with sessions() as session:
+        stored = session.scalar(select(func.count()).select_from(Generation))
+    assert stored == sum(map(len, engine.calls))
 
 
 def test_a_shutdown_drains_the_outstanding_write_before_it_gives_leases_back(

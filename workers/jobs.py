@@ -351,11 +351,17 @@ class JudgedChunk:
     """Seconds in the model's own calls, the generation cache's reads and writes left out."""
     started: float
     """`time.monotonic()` when the chunk's generation began."""
+    model_id: str
+    unsaved: dict[bytes, list[str]]
+    """New answers the generation cache has still to store: they are written with the chunk,
+    off the engine's path."""
 
 
 def judge_chunk(worker: Worker, chunk: repository.ClaimedChunk, lease: Lease) -> JudgedChunk:
     """Read the chunk's examples, generate what they need and judge them; writes nothing but
-    the generation cache's rows, each committed after its engine call."""
+    the generation cache's rows, committed after the engine calls that made them (within
+    `SAVE_SECONDS`), and those still waiting when the chunk fails. The rest go with the
+    chunk's write (`JudgedChunk.unsaved`)."""
     with worker.sessions() as session:
         job = session.get(Job, chunk.job_id, options=[defer(Job.exemplar_sets)])
         if job is None or job.status != JobStatus.RUNNING:
@@ -385,8 +391,9 @@ def judge_chunk(worker: Worker, chunk: repository.ClaimedChunk, lease: Lease) ->
                 call_generations=worker.settings.engine_call_generations,
                 checkpoint=lease.checkpoint(connection),
             )
-        finally:
+        except BaseException:
             engine.save()  # what the engine made stays for a later run, however this one ended
+            raise
     return JudgedChunk(
         positions,
         result,
@@ -394,12 +401,19 @@ def judge_chunk(worker: Worker, chunk: repository.ClaimedChunk, lease: Lease) ->
         engine.cached_generations,
         model.seconds,
         started,
+        engine.model_id,
+        engine.take_unsaved(),
     )
 
 
 def write_chunk(worker: Worker, chunk: repository.ClaimedChunk, judged: JudgedChunk) -> bool:
-    """In one transaction: the chunk's verdicts, its counters, and the job's; False when another
-    worker wrote it first. Raises `Stopped` once the job is no longer running (a cancel)."""
+    """The new answers the generation cache has still to store, then in one transaction: the
+    chunk's verdicts, its counters, and the job's; False when another worker wrote it first.
+    Raises `Stopped` once the job is no longer running (a cancel)."""
+    if judged.unsaved:
+        with autocommit_connection(worker.sessions) as connection:
+            repository.SqlGenerationStore(connection).put_many(judged.model_id, judged.unsaved)
+        judged.unsaved = {}
     with worker.sessions.begin() as session:
         status = repository.lock_job_status(session, chunk.job_id)
         if status != JobStatus.RUNNING:

@@ -45,8 +45,11 @@ class EngineRefused(RuntimeError):
     again will not mend it."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class GenerationResult:
+    """Not frozen, for the same reason as `GenerationRequest`; its texts are read, never
+    changed, and results may share them (the generation cache hands out what it holds)."""
+
     texts: list[str]
     """`options.n` completions, each cut before the first stop string."""
 

@@ -78,8 +78,9 @@ class CachedEngine:
     (a chunk run twice at once) costs a second generation, never a wrong answer.
 
     New answers are written to the store after the engine call that made them once
-    `save_seconds` have passed since the oldest unwritten one, or `save_generations` wait, and
-    by `save()`, which the owner calls when the batch ends, however it ends. An engine call of a
+    `save_seconds` have passed since the oldest unwritten one, or `save_generations` wait; the
+    owner writes the rest when the batch ends, however it ends: `save()`, or `take_unsaved()`
+    to write them elsewhere (a worker's chunk writer, while the engine goes on). An engine call of a
     real model takes seconds, so each is written after it, as it comes; answers that come in
     thousands a second are written in a few large writes instead of one per call.
     """
@@ -148,7 +149,7 @@ class CachedEngine:
         for prompt, n in sampled.items():
             self._drawn[prompt] = self._drawn.get(prompt, 0) + n
         self._prompts.update(dict.fromkeys(r.prompt for r in requests))
-        return [GenerationResult(list(found[k])) for k in keys]
+        return [GenerationResult(found[k]) for k in keys]
 
     def _look_up(self, asked: dict[bytes, GenerationRequest]) -> None:
         """Read `asked` from the store, and with them, when they start a new step, the keys of
@@ -167,10 +168,16 @@ class CachedEngine:
 
     def save(self) -> None:
         """Write the answers still waiting to the cache."""
-        if self._unsaved:
-            self.store.put_many(self.model_id, self._unsaved)
-            self._unsaved = {}
-            self._unsaved_generations = 0
+        if unsaved := self.take_unsaved():
+            self.store.put_many(self.model_id, unsaved)
+
+    def take_unsaved(self) -> dict[bytes, list[str]]:
+        """The answers still waiting, for the owner to write (`store.put_many`) later, off the
+        engine's path; the wrapper forgets them."""
+        unsaved = self._unsaved
+        self._unsaved = {}
+        self._unsaved_generations = 0
+        return unsaved
 
     def _key(self, request: GenerationRequest) -> bytes:
         prefix = self._prefixes.get(request.options)
