@@ -25,6 +25,11 @@ def vllm_available() -> bool:
     return True
 
 
+CPU_KV_CACHE_BYTES = 1 << 30
+"""The KV cache of an engine on CPU, unless vLLM's own `VLLM_CPU_KVCACHE_SPACE` (GiB) is set
+on the worker: for a small student, room for hundreds of thousands of tokens."""
+
+
 class VLLMEngine:
     def __init__(
         self,
@@ -40,8 +45,14 @@ class VLLMEngine:
         on_gpu = torch.cuda.is_available()
         options: dict[str, Any] = {
             "dtype": "auto" if on_gpu else "float32",
-            # On CPU this share is taken from RAM for the KV cache.
-            "gpu_memory_utilization": 0.9 if on_gpu else 0.1,
+            **(
+                {"gpu_memory_utilization": 0.9}
+                if on_gpu
+                # On CPU a share would be taken of the memory of the NUMA node vLLM's core is
+                # on, which may be a fraction of the machine's, less what the process holds:
+                # too little for any KV cache once two engines share a small node.
+                else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
+            ),
             "enable_prefix_caching": True,
             # Ignore the model's generation_config.json: every sampling field comes from the job.
             "generation_config": "vllm",
