@@ -28,13 +28,13 @@ from app.estimates.schemas import Bounds, Estimate
 from app.estimates.service import estimate_job
 from app.jobs import service as jobs_service
 from app.jobs.schemas import JobCreate
-from app.models import Dataset, Example, Job, Workspace
+from app.models import Job, Workspace
 from app.queue import get_queue
 from app.settings import Settings, get_settings
 from app.students.schemas import RegisteredStudent
-from tests.conftest import bearer, new_workspace
+from tests.conftest import bearer
 from tests.test_api_jobs import RECORDS, STUDENTS, TINY, Recorder
-from tests.test_jobs import knows_even_numbers, make_worker, run_all
+from tests.test_jobs import knows_even_numbers, make_worker, numbers_dataset, run_all
 from workers.engines.fake import FakeEngine
 
 # --- the schedule's bounds --------------------------------------------------------------------
@@ -72,27 +72,6 @@ def test_the_worst_case_is_the_limit_a_submission_is_held_to(mode: str, samples:
 # --- estimate, run, estimate again ------------------------------------------------------------
 
 FAKE = Settings(students={"fake": RegisteredStudent(engine="hf", model="fake")})
-
-
-def numbers_dataset(sessions: sessionmaker[Session], n: int) -> tuple[uuid.UUID, uuid.UUID]:
-    """A workspace of its own and a dataset of `n` questions "What is number i?"."""
-    with sessions.begin() as session:
-        workspace_id = new_workspace(session)
-        dataset = Dataset(workspace_id=workspace_id, name="numbers", format="qa", num_examples=n)
-        session.add(dataset)
-        session.flush()
-        session.add_all(
-            Example(
-                dataset_id=dataset.id,
-                position=i,
-                line=i + 1,
-                record_id=f"n{i}",
-                group="numbers",
-                raw={"question": f"What is number {i}?", "answer": str(i), "group": "numbers"},
-            )
-            for i in range(n)
-        )
-        return workspace_id, dataset.id
 
 
 def estimate(

@@ -73,7 +73,8 @@ def make_worker(
     )
 
 
-def make_job(sessions: sessionmaker[Session], n: int, **config: Any) -> uuid.UUID:
+def numbers_dataset(sessions: sessionmaker[Session], n: int) -> tuple[uuid.UUID, uuid.UUID]:
+    """A workspace of its own and a dataset of `n` questions "What is number i?"."""
     with sessions.begin() as session:
         workspace_id = new_workspace(session)
         dataset = Dataset(workspace_id=workspace_id, name="numbers", format="qa", num_examples=n)
@@ -95,9 +96,16 @@ def make_job(sessions: sessionmaker[Session], n: int, **config: Any) -> uuid.UUI
             )
             for i in range(n)
         )
+        return workspace_id, dataset.id
+
+
+def make_job(sessions: sessionmaker[Session], n: int, **config: Any) -> uuid.UUID:
+    """A job on the fake student over a `numbers_dataset` of `n` questions, queued."""
+    workspace_id, dataset_id = numbers_dataset(sessions, n)
+    with sessions.begin() as session:
         job = Job(
             workspace_id=workspace_id,
-            dataset_id=dataset.id,
+            dataset_id=dataset_id,
             student={"name": "fake", "engine": "hf", "model": "fake"},
             config=AuditConfig(**config).model_dump(mode="json"),
             total=n,
