@@ -106,6 +106,25 @@ def test_a_rescore_is_a_new_queued_job_with_the_merged_options(
     assert client.get(f"/v1/jobs/{succeeded}").json()["rescore_of"] is None
 
 
+def test_a_rescores_report_page_links_to_its_sources(
+    api: FastAPI, client: TestClient, session: Session, succeeded: str
+) -> None:
+    job_id = rescore(client, succeeded, config={"matcher": "contains"}).json()["id"]
+    add_verdicts(session, job_id, AUDITS)
+    set_status(session, job_id, JobStatus.SUCCEEDED, finished_at=utcnow(), reviews_carried=3)
+    link = client.get(f"/v1/jobs/{job_id}").json()["links"]["report_html"]
+    with TestClient(api) as browser:  # no key: the links' tokens open the pages
+        page = browser.get(link)
+        assert page.status_code == 200
+        assert "3 of its review decisions carried over" in page.text
+        source_link = page.text.split('id="rescore-of"')[1].split('href="')[1].split('"')[0]
+        assert source_link.startswith(f"/v1/jobs/{succeeded}/report.html?access=")
+        source = browser.get(source_link.replace("&amp;", "&"))
+        assert source.status_code == 200
+        assert f"job <code>{succeeded}</code>" in source.text
+        assert 'id="rescore-of"' not in source.text
+
+
 @pytest.mark.parametrize("option", GENERATION_OPTIONS)
 def test_an_option_that_needs_new_generations_is_refused_at_its_place(
     api: FastAPI, client: TestClient, succeeded: str, option: str

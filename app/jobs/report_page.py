@@ -54,6 +54,11 @@ class ReportPage:
     flagged_rows: Sequence[FlaggedRow]
     conflict_rows: Sequence[ConflictRead]
     links: JobLinks
+    rescore_of: str | None = None
+    """The job whose answers this one judged again, when it is a rescore."""
+    rescore_of_page: str | None = None
+    """That job's report page, signed as the links are."""
+    reviews_carried: int | None = None
 
 
 @dataclass(frozen=True)

@@ -96,15 +96,19 @@ def _eta_seconds(job: Job | PolledJob, now: datetime) -> float | None:
 def _links(job: Job | PolledJob, secret: str) -> JobLinks:
     """The job's addresses; the report page's is signed with `secret`, its workspace's."""
     path = f"/v1/jobs/{job.id}"
-    access = page_link_token(secret, job.id, time.time())
     return JobLinks(
         self_=path,
         examples=f"{path}/examples",
         conflicts=f"{path}/conflicts",
         export=f"{path}/export",
         report=f"{path}/report",
-        report_html=f"{path}/report.html?access={access}",
+        report_html=_page_link(job.id, secret),
     )
+
+
+def _page_link(job_id: uuid.UUID, secret: str) -> str:
+    """The job's report page, opened by its link's token where a browser has no key."""
+    return f"/v1/jobs/{job_id}/report.html?access={page_link_token(secret, job_id, time.time())}"
 
 
 def _read_many(session: Session, jobs: Sequence[Job], secret: str) -> list[JobRead]:
@@ -573,6 +577,11 @@ def get_report_page(session: Session, workspace: Workspace, job_id: uuid.UUID) -
             _conflict(dataset.format, verdict, example) for verdict, example in conflicts
         ],
         links=_links(job, workspace.webhook_secret),
+        rescore_of=str(job.rescore_of) if job.rescore_of else None,
+        rescore_of_page=(
+            _page_link(job.rescore_of, workspace.webhook_secret) if job.rescore_of else None
+        ),
+        reviews_carried=job.reviews_carried,
     )
     return report_page.render(page)
 
