@@ -80,9 +80,9 @@ class CachedEngine:
     New answers are written to the store after the engine call that made them once
     `save_seconds` have passed since the oldest unwritten one, or `save_generations` wait; the
     owner writes the rest when the batch ends, however it ends: `save()`, or `take_unsaved()`
-    to write them elsewhere (a worker's chunk writer, while the engine goes on). An engine call of a
-    real model takes seconds, so each is written after it, as it comes; answers that come in
-    thousands a second are written in a few large writes instead of one per call.
+    to write them elsewhere (a worker's chunk writer, while the engine goes on). An engine call
+    of a real model takes seconds, so each is written after it, as it comes; answers that come
+    in thousands a second are written in a few large writes instead of one per call.
     """
 
     def __init__(
